@@ -26,3 +26,11 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"shared data not found at {DATA}; set CHESTXRAY_DATA")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """Bad and odd input files (see ``tests/badfiles.py``): ``{name: path}``."""
+    from tests.badfiles import make_bad_corpus
+
+    return make_bad_corpus(tmp_path_factory.mktemp("bad_corpus"), data_dir)

@@ -1,0 +1,184 @@
+"""Checkpoints in timm's Hugging Face format: ``config.json`` + ``model.safetensors`` (+ README.md).
+
+Loading never unpickles: only safetensors weights are read, and a folder that offers pickled
+weights alone (``.bin``, ``.pth``, ``.pt``, ``.ckpt``, ``.pkl``) is refused. Plain timm loads the
+same folders with ``timm.create_model("local-dir:<folder>", pretrained=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from chestxray.labels import name_set
+from chestxray.models import ARCHS, create_model
+from chestxray.transforms import GRAY_MEAN, GRAY_STD, Preprocess
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
+#: Our own fields live under this key of config.json (timm ignores unknown root keys).
+META_KEY = "chestxray"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, pickled, or inconsistent. One-line message."""
+
+
+def weights_dir() -> Path:
+    """The folder of shipped checkpoints (``weights/`` beside the package, or $CHESTXRAY_WEIGHTS)."""
+    env = os.environ.get("CHESTXRAY_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
+
+
+def list_shipped() -> list[str]:
+    """Names of the shipped checkpoints: sub-folders of :func:`weights_dir` with weights and config."""
+    root = weights_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with everything its config prescribes."""
+
+    model: nn.Module = field(repr=False)
+    arch: str
+    labels: list[str]
+    preprocess: Preprocess
+    thresholds: dict[str, float]
+    config: dict[str, Any] = field(repr=False)
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        """Display name: the folder's name."""
+        return self.path.name
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, labels: list[str],
+                    img_size: int, mean: tuple[float, ...] = GRAY_MEAN, std: tuple[float, ...] = GRAY_STD,
+                    thresholds: dict[str, float] | None = None, meta: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
+    """Writes ``config.json`` (timm's layout plus our ``chestxray`` block) and ``model.safetensors``.
+
+    Args:
+        model: the trained timm model.
+        out_dir: destination folder (created).
+        arch: timm architecture name.
+        labels: label names, in logit order.
+        img_size: input side used in training.
+        mean, std: normalisation used in training.
+        thresholds: per-label operating thresholds (label -> probability).
+        meta: extra fields for the ``chestxray`` block (training data, metrics summary, ...).
+        half: store weights as float16 (halves the size; loading casts back to float32).
+    """
+    from timm.models import save_for_hf  # local import: timm's hub helpers pull in huggingface_hub
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(labels) != model.get_classifier().out_features:
+        raise CheckpointError(f"{len(labels)} labels for a head with {model.get_classifier().out_features} outputs")
+    in_chans = int(model.pretrained_cfg.get("input_size", (1,))[0]) if hasattr(model, "pretrained_cfg") else 1
+    in_chans = getattr(model, "in_chans", None) or _first_conv_in_chans(model) or in_chans
+    data_config = {"input_size": (in_chans, img_size, img_size), "mean": tuple(mean), "std": tuple(std),
+                   "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
+    block = {"label_set": name_set(labels) or "custom", "thresholds": dict(thresholds or {}), **(meta or {})}
+    model_config = {"label_names": list(labels), META_KEY: block,
+                    # The weights are ours, not the ImageNet tag timm would carry over.
+                    "pretrained_cfg": {"tag": "chestxray", "license": "apache-2.0"}}
+    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def _first_conv_in_chans(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Reads and sanity-checks a checkpoint folder's config.json."""
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {folder}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{CONFIG_FILE} in {folder.name} is not valid JSON") from None
+    for key in ("architecture", "label_names", "pretrained_cfg"):
+        if key not in cfg:
+            raise CheckpointError(f"{CONFIG_FILE} in {folder.name} lacks {key!r}")
+    return cfg
+
+
+def _weights_file(folder: Path) -> Path:
+    path = folder / WEIGHTS_FILE
+    if path.is_file():
+        return path
+    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+    if pickled:
+        raise CheckpointError(f"refusing pickled weights ({', '.join(pickled)}): only {WEIGHTS_FILE} is loaded")
+    raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
+
+
+def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Loads a checkpoint folder (safetensors only) and checks config against weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    cfg = read_config(folder)
+    weights = _weights_file(folder)
+    arch, labels = cfg["architecture"], list(cfg["label_names"])
+    if arch not in ARCHS:
+        raise CheckpointError(f"{folder.name}: unsupported architecture {arch!r} in {CONFIG_FILE}")
+    try:
+        state = safetensors.torch.load_file(str(weights), device="cpu")
+    except Exception:  # noqa: BLE001 - any parse failure is a corrupt or foreign file
+        raise CheckpointError(f"{weights.name} in {folder.name} is not a valid safetensors file") from None
+    args = dict(cfg.get("model_args", {}))
+    args.pop("num_classes", None)
+    in_chans = args.pop("in_chans", cfg["pretrained_cfg"]["input_size"][0])
+    img_size = int(cfg["pretrained_cfg"]["input_size"][-1])
+    args.pop("img_size", None)
+    model = create_model(arch, len(labels), in_chans=in_chans, img_size=img_size, **args)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as err:
+        head = model.get_classifier().weight.shape
+        got = state.get(_classifier_key(model), None)
+        detail = (f"config lists {len(labels)} labels, weights have {got.shape[0]} outputs"
+                  if got is not None and got.shape[0] != head[0] else str(err).splitlines()[0][:200])
+        raise CheckpointError(f"{folder.name}: config.json does not match the weights ({detail})") from None
+    model.eval().to(device)
+    meta = dict(cfg.get(META_KEY, {}))
+    thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items() if k in labels}
+    return Checkpoint(model=model, arch=arch, labels=labels, preprocess=Preprocess.from_config(cfg["pretrained_cfg"]),
+                      thresholds=thresholds, config=cfg, path=folder, meta=meta)
+
+
+def _classifier_key(model: nn.Module) -> str:
+    name = model.pretrained_cfg.get("classifier", "fc")
+    return f"{name}.weight"
+
+
+def load_checkpoint(ref: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Loads a model reference: a shipped name, a local folder or ``hf-hub:org/name``.
+
+    Hub references download into the huggingface_hub cache and fall back to ``weights/``
+    (see :func:`chestxray.hub.resolve`).
+    """
+    from chestxray.hub import resolve
+
+    return load_folder(resolve(str(ref)), device=device)

@@ -1,0 +1,147 @@
+"""The predictor: load a checkpoint once, then predict probabilities and explain them.
+
+``analyze`` is the product's hot path: one forward pass gives the probability of every label
+(sigmoid of the logits) and the Grad-CAM of every label (see :mod:`chestxray.cam`), so switching
+label or opacity in the app never runs the model again.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chestxray.cam import FAST_METHODS, all_label_cams, cam_at, method_cam, overlay
+from chestxray.checkpoint import Checkpoint, load_checkpoint
+from chestxray.models import classifier_weight, features_and_logits
+from chestxray.transforms import resize_gray
+
+ImageLike = "XrayImage | np.ndarray | str | os.PathLike | bytes"
+#: Longest side of the image kept for display and overlays (the model sees its own input size).
+DISPLAY_MAX = 768
+
+
+def as_pixels(image) -> np.ndarray:
+    """Accepts an XrayImage, a float HxW array in [0,1], a path or bytes; returns float32 HxW."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        from chestxray.imaging import read_image
+
+        image = read_image(image if not isinstance(image, bytearray) else bytes(image))
+    pixels = getattr(image, "pixels", image)
+    arr = np.asarray(pixels)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D gray image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return arr.astype(np.float32, copy=False)
+
+
+def display_image(pixels: np.ndarray, max_side: int = DISPLAY_MAX) -> np.ndarray:
+    """Downscales (never upscales) a gray image for display, keeping its aspect ratio."""
+    h, w = pixels.shape
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return pixels
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return resize_gray(pixels, size)[0, 0].numpy()
+
+
+@dataclass
+class Analysis:
+    """Probabilities and all-label CAMs of one image, from one forward pass."""
+
+    labels: list[str]
+    probs: np.ndarray  # K
+    cams: np.ndarray  # K x h x w, each in [0,1], at feature resolution
+    image: np.ndarray  # display image H x W in [0,1]
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def prob_dict(self) -> dict[str, float]:
+        """{label: probability}, in the checkpoint's label order."""
+        return {k: float(p) for k, p in zip(self.labels, self.probs)}
+
+    def threshold(self, label: str) -> float:
+        """The label's operating threshold (0.5 when the checkpoint has none)."""
+        return float(self.thresholds.get(label, 0.5))
+
+    def positives(self) -> list[str]:
+        """Labels at or above their operating threshold, most probable first."""
+        pos = [k for k, p in zip(self.labels, self.probs) if p >= self.threshold(k)]
+        return sorted(pos, key=lambda k: -self.probs[self.labels.index(k)])
+
+    def top_label(self) -> str:
+        """The most probable label."""
+        return self.labels[int(np.argmax(self.probs))]
+
+    def cam(self, label: str) -> np.ndarray:
+        """The label's map at display resolution."""
+        return cam_at(self.cams[self.labels.index(label)], self.image.shape)
+
+    def overlay(self, label: str, alpha: float = 0.4) -> np.ndarray:
+        """RGB uint8 overlay of the label's map on the display image."""
+        return overlay(self.image, self.cam(label), alpha)
+
+
+class Predictor:
+    """A loaded checkpoint ready for inference. Thread-safe; keep one per model."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device | None = None):
+        self.ckpt = checkpoint
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = checkpoint.model.to(self.device).eval()
+        self.labels = list(checkpoint.labels)
+        self.thresholds = {k: checkpoint.thresholds.get(k, 0.5) for k in self.labels}
+        self.preprocess = checkpoint.preprocess
+        self._weight, _ = classifier_weight(self.model)
+        self._cam_lock = threading.Lock()  # pytorch-grad-cam hooks are per-model, not thread-safe
+
+    @classmethod
+    def load(cls, ref: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
+        """Loads a model reference (shipped name, folder or ``hf-hub:``) once."""
+        return cls(load_checkpoint(ref), device=device)
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's display name."""
+        return self.ckpt.name
+
+    @property
+    def arch(self) -> str:
+        """timm architecture name."""
+        return self.ckpt.arch
+
+    def _input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.preprocess(pixels).to(self.device)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list) -> np.ndarray:
+        """Probabilities (N x K) for several images at once."""
+        x = torch.cat([self._input(as_pixels(im)) for im in images])
+        return torch.sigmoid(self.model(x)).float().cpu().numpy()
+
+    def predict(self, image) -> dict[str, float]:
+        """{label: probability} for one image (sigmoid of each label's logit)."""
+        return dict(zip(self.labels, map(float, self.predict_batch([image])[0])))
+
+    @torch.inference_mode()
+    def analyze(self, image) -> Analysis:
+        """Probabilities and Grad-CAM of every label from one forward pass."""
+        pixels = as_pixels(image)
+        feats, logits = features_and_logits(self.model, self._input(pixels), self.arch)
+        probs = torch.sigmoid(logits)[0].float().cpu().numpy()
+        cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
+        return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds))
+
+    def explain(self, image, label: str, method: str = "gradcam") -> np.ndarray:
+        """The map of one label's logit by ``method``, at the model's input resolution (H x W, [0,1])."""
+        if label not in self.labels:
+            raise ValueError(f"label {label!r} is not in this model's labels")
+        pixels = as_pixels(image)
+        if method in FAST_METHODS:
+            a = self.analyze(pixels)
+            return cam_at(a.cams[self.labels.index(label)], self.preprocess.size)
+        with self._cam_lock:
+            return method_cam(self.model, self.arch, self._input(pixels), self.labels.index(label), method)

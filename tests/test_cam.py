@@ -1,0 +1,97 @@
+"""Every product architecture predicts and explains; the one-forward CAM equals pytorch-grad-cam."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from chestxray.cam import all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, upsample
+from chestxray.checkpoint import load_folder
+from chestxray.models import PRODUCT_ARCHS, arch_spec, classifier_weight, create_model, features_and_logits, target_layer
+from chestxray.predictor import Predictor
+from tests.helpers import make_checkpoint
+
+SIZE = 128  # 4x4 final maps for every arch: small, but not degenerate
+
+
+@pytest.fixture(scope="module")
+def xray(data_dir):
+    from PIL import Image
+
+    return np.asarray(Image.open(data_dir / "nih/images_384/00000100_000.png").convert("L"), np.float32) / 255.0
+
+
+@pytest.mark.parametrize("arch", PRODUCT_ARCHS)
+def test_fast_cam_equals_pytorch_grad_cam(arch, xray):
+    torch.manual_seed(0)
+    model = create_model(arch, 15, img_size=SIZE).eval()
+    from chestxray.transforms import Preprocess
+
+    x = Preprocess((1, SIZE, SIZE))(xray)
+    with torch.no_grad():
+        feats, logits = features_and_logits(model, x, arch)
+    assert feats.shape[-2:] == (SIZE // 32, SIZE // 32)
+    fast = upsample(all_label_cams(feats, classifier_weight(model)[0])[0], (SIZE, SIZE))
+    # pytorch-grad-cam min-max scales again after upsampling; do the same to compare like with like.
+    fast = minmax(torch.from_numpy(fast)).numpy()
+    reshape = nhwc_to_nchw if arch_spec(arch).nhwc else None
+    compared = 0
+    with GradCAM(model=model, target_layers=[target_layer(model, arch)], reshape_transform=reshape) as cam:
+        for k in (0, 6, 14):
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+            if ref.max() == 0:  # all-negative map: both must be flat
+                assert fast[k].max() < 1e-6
+                continue
+            np.testing.assert_allclose(fast[k], ref, atol=2e-3)
+            assert np.corrcoef(fast[k].ravel(), ref.ravel())[0, 1] > 0.999
+            compared += 1
+    assert compared >= 1
+
+
+def test_swin_cam_without_reshape_would_be_wrong():
+    """The NHWC trap: Swin's final features are B,H,W,C; reading them as NCHW scrambles the map."""
+    torch.manual_seed(0)
+    arch = "swin_tiny_patch4_window7_224"
+    model = create_model(arch, 3, img_size=SIZE).eval()
+    raw = model.forward_features(torch.randn(1, 1, SIZE, SIZE))
+    assert raw.shape == (1, SIZE // 32, SIZE // 32, model.num_features)
+    feats, _ = features_and_logits(model, torch.randn(1, 1, SIZE, SIZE), arch)
+    assert feats.shape == (1, model.num_features, SIZE // 32, SIZE // 32)
+
+
+@pytest.mark.parametrize("arch", PRODUCT_ARCHS)
+def test_every_arch_predicts_and_explains(arch, tmp_path, data_dir):
+    folder = make_checkpoint(tmp_path / arch, arch=arch, img_size=64)
+    pred = Predictor(load_folder(folder), device="cpu")
+    path = data_dir / "nih/images_384/00000100_000.png"
+    probs = pred.predict(path)
+    assert list(probs) == pred.labels and all(0.0 <= p <= 1.0 for p in probs.values())
+    a = pred.analyze(path)
+    assert np.allclose(a.probs, list(probs.values()), atol=1e-5)
+    assert a.cams.shape[0] == len(pred.labels) and a.cams.max() <= 1.0 and a.cams.min() >= 0.0
+    ov = a.overlay("Effusion", alpha=0.5)
+    assert ov.shape == (*a.image.shape, 3) and ov.dtype == np.uint8
+    m = pred.explain(path, "Effusion", method="gradcam++")
+    assert m.shape == pred.preprocess.size and np.isfinite(m).all()
+
+
+def test_method_cam_targets_the_chosen_label_not_the_argmax(xray):
+    torch.manual_seed(0)
+    arch = "resnet18"
+    model = create_model(arch, 15, img_size=SIZE).eval()
+    from chestxray.transforms import Preprocess
+
+    x = Preprocess((1, SIZE, SIZE))(xray)
+    maps = [method_cam(model, arch, x, k, "gradcam") for k in range(6)]
+    distinct = {np.round(m, 3).tobytes() for m in maps if m.max() > 0}
+    assert len(distinct) > 2  # one map per label, not 15 copies of the argmax's map
+
+
+def test_overlay_opacity():
+    gray = np.zeros((32, 32), np.float32)
+    cam = np.ones((4, 4), np.float32)
+    assert overlay(gray, cam, alpha=0.0).max() == 0
+    full = overlay(gray, cam, alpha=1.0)
+    assert full.shape == (32, 32, 3) and full[..., 0].mean() > 100  # jet at 1.0 is dark red

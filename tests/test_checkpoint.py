@@ -1,0 +1,119 @@
+"""Checkpoints: round trips (folder, plain timm local-dir:, hf-hub: from an offline cache), refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+
+from chestxray.checkpoint import CheckpointError, load_checkpoint, load_folder
+from chestxray.hub import resolve
+from tests.helpers import make_checkpoint
+
+
+def _same_outputs(a, b, size=64):
+    x = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_round_trip_folder_and_plain_timm(tmp_path):
+    folder = make_checkpoint(tmp_path / "ck", arch="resnet10t", seed=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    ck = load_folder(folder)
+    assert ck.labels[0] == "Atelectasis" and ck.labels[-1] == "No Finding"
+    assert ck.preprocess.input_size == (1, 64, 64)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["crop_pct"] == 1.0 and cfg["pretrained_cfg"]["crop_mode"] == "squash"
+    assert cfg["chestxray"]["thresholds"]["Effusion"] == 0.5
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert plain.pretrained_cfg["label_names"] == ck.labels
+    assert _same_outputs(ck.model, plain)
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    full = load_folder(make_checkpoint(tmp_path / "f32", seed=2))
+    half = load_folder(make_checkpoint(tmp_path / "f16", seed=2, half=True))
+    assert next(half.model.parameters()).dtype == torch.float32
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        diff = (torch.sigmoid(full.model(x)) - torch.sigmoid(half.model(x))).abs().max().item()
+    assert diff < 1e-2
+    assert (tmp_path / "f16/model.safetensors").stat().st_size < 0.6 * (tmp_path / "f32/model.safetensors").stat().st_size
+
+
+def test_pickle_is_refused(tmp_path):
+    folder = make_checkpoint(tmp_path / "ck")
+    state = load_folder(folder).model.state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refusing pickled weights"):
+        load_folder(folder)
+    # A pickle renamed to .safetensors is not parsed as a pickle either.
+    shutil.move(folder / "pytorch_model.bin", folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_folder(folder)
+
+
+def test_config_that_disagrees_with_weights(tmp_path):
+    folder = make_checkpoint(tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["label_names"] = cfg["label_names"][:5]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the weights.*5 labels"):
+        load_folder(folder)
+    cfg["label_names"] = json.loads((tmp_path / "ck/config.json").read_text())["label_names"]
+    cfg["architecture"] = "resnet10t"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the weights"):
+        load_folder(folder)
+
+
+def test_unknown_reference(tmp_path):
+    with pytest.raises(CheckpointError, match="unknown model"):
+        resolve("no-such-model-anywhere")
+
+
+def _fill_hf_cache(cache, repo_id: str, src) -> None:
+    """Lays out a checkpoint as huggingface_hub's cache does (refs/main -> snapshots/<sha>)."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo_dir / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, snap / f.name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(sha)
+
+
+def test_hf_hub_from_offline_cache(tmp_path, monkeypatch):
+    src = make_checkpoint(tmp_path / "src", seed=3)
+    cache = tmp_path / "hf"
+    _fill_hf_cache(cache, "someorg/cxr-tiny", src)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    ck = load_checkpoint("hf-hub:someorg/cxr-tiny")
+    assert ck.path.parent.parent == cache / "models--someorg--cxr-tiny"
+    plain = timm.create_model("hf-hub:someorg/cxr-tiny", pretrained=True, cache_dir=str(cache)).eval()
+    assert _same_outputs(ck.model, plain)
+
+
+def test_hf_hub_falls_back_to_shipped(tmp_path, monkeypatch, caplog):
+    weights = tmp_path / "weights"
+    make_checkpoint(weights / "cxr-tiny", seed=4)
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(weights))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with caplog.at_level("WARNING"):
+        ck = load_checkpoint("hf-hub:someorg/cxr-tiny")
+    assert ck.path == weights / "cxr-tiny"
+    assert sum("using shipped weights/cxr-tiny" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(CheckpointError, match="no shipped"):
+        load_checkpoint("hf-hub:someorg/absent-model")

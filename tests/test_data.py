@@ -1,0 +1,231 @@
+"""Manifests, patient-wise splits, the image cache, batch augmentation and the masked loss (real data)."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chestxray.data import (assert_patient_disjoint, batch_augment, build_cache, default_sources,
+                            load_sources, masked_bce_loss, patient_split, pos_weights, read_manifest,
+                            split_from_lists, RawXrayDataset, XrayDataset)
+from chestxray.labels import NIH14, NO_FINDING, get_label_set
+from chestxray.transforms import resize_gray
+
+LABELS = get_label_set("nih14-tb")
+FINDINGS = [x for x in LABELS if x != NO_FINDING]
+
+
+@pytest.fixture(scope="module")
+def sources(data_dir):
+    return default_sources(data_dir)
+
+
+@pytest.fixture(scope="module")
+def nih(sources):
+    return read_manifest(labels=LABELS, **sources["nih384"])
+
+
+@pytest.fixture(scope="module")
+def nih64(sources):
+    return read_manifest(labels=LABELS, **sources["nih64"])
+
+
+def row(df, name):
+    hit = df[df["path"].map(os.path.basename) == name]
+    assert len(hit) == 1, name
+    return hit.iloc[0]
+
+
+def test_nih_manifest(nih):
+    assert list(nih.columns[:4]) == ["path", "patient", "source", "view"]
+    assert list(nih.columns[4:]) == LABELS and all(nih[c].dtype == np.float32 for c in LABELS)
+    assert len(nih) == 1094 and nih["path"].map(os.path.isabs).all() and os.path.exists(nih["path"].iat[0])
+    r = row(nih, "00000100_000.png")
+    positive = {c for c in LABELS if r[c] == 1.0}
+    assert positive == {"Atelectasis", "Effusion", "Infiltration"}
+    assert r["patient"] == "nih:100" and r["source"] == "nih384" and r["view"] == "PA"
+    assert not nih[LABELS].isna().any().any()  # NIH annotates all 14 (+ No Finding); TB is a "no"
+    normal = nih[nih[NO_FINDING] == 1.0]
+    assert len(normal) > 100 and (normal[FINDINGS] == 0.0).all().all()
+    assert ((nih[FINDINGS] == 1.0).any(axis=1) == (nih[NO_FINDING] == 0.0)).all()
+
+
+def test_nih_data_entry_filtered_to_folder(data_dir, nih64):
+    full = read_manifest(data_dir / "nih/Data_Entry_2017_v2020.csv.gz", data_dir / "nih/images_64", LABELS,
+                         source="nih64", patient_prefix="nih", missing="drop")
+    assert full.attrs["dropped_missing"] == 112120 - 1000
+    a, b = full.set_index("path"), nih64.set_index("path")
+    assert sorted(a.index) == sorted(b.index)
+    pd.testing.assert_frame_equal(a.loc[b.index, LABELS + ["patient"]], b[LABELS + ["patient"]])
+
+
+def test_kermany_and_tbx11k(sources):
+    k = read_manifest(labels=LABELS, **sources["kermany"])
+    assert len(k) == 5216 and k["path"].str.contains("/kermany/train/").all()
+    assert set(k["Pneumonia"].unique()) == {0.0, 1.0} and k[[c for c in NIH14 if c != "Pneumonia"]].isna().all().all()
+    assert k["Tuberculosis"].isna().all() and k["view"].isna().all()
+    sick = k[k["path"].str.contains("/PNEUMONIA/")]
+    assert (sick["Pneumonia"] == 1.0).all() and (sick[NO_FINDING] == 0.0).all()
+    well = k[k["path"].str.contains("/NORMAL/")]
+    assert (well["Pneumonia"] == 0.0).all() and (well[NO_FINDING] == 1.0).all()
+    assert k["patient"].str.startswith("kermany:").all()
+
+    t = read_manifest(labels=LABELS, **sources["tbx11k"])
+    assert (t["Tuberculosis"] == 1.0).all() and (t[NO_FINDING] == 0.0).all() and t[list(NIH14)].isna().all().all()
+    assert row(t, "tb0005.png")["patient"] == "tbx11k:tb0005.png" and t.attrs["notes"]  # file = patient
+
+
+def test_covid_blank_findings_unknown(sources):
+    c = read_manifest(labels=get_label_set("covid"), **sources["covid"])
+    assert c["COVID-19"].isna().all()  # not annotated by the Finding Labels column
+    blank = c["Pneumonia"].isna()
+    assert blank.sum() == 6 and c.loc[blank, NO_FINDING].isna().all()
+
+
+def test_per_label_layout_and_missing_files(tmp_path, data_dir):
+    names = sorted(os.listdir(data_dir / "tbx11k/images"))[:3]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("Image Index,Effusion,Edema,Hernia\n"
+                   f"{names[0]},1,0,\n{names[1]},0,0,0\n{names[2]},,-1,1\nnot_there.png,1,1,1\n")
+    with pytest.warns(UserWarning, match="dropped 1 "):
+        df = read_manifest(csv, data_dir / "tbx11k/images", ["Effusion", "Edema", "Hernia", "Mass", NO_FINDING],
+                           source="toy", annotated=["Effusion", "Edema", "Hernia"])
+    got = df[["Effusion", "Edema", "Hernia", "Mass", NO_FINDING]].to_numpy()
+    nan = math.nan
+    np.testing.assert_array_equal(got, [[1, 0, nan, nan, 0], [0, 0, 0, nan, nan], [nan, nan, 1, nan, 0]])
+    assert df["patient"].tolist() == [f"toy:{n}" for n in names] and df["view"].isna().all()
+
+
+def test_load_sources_shares_nih_patients(data_dir, nih, nih64):
+    df = load_sources(["nih384", "nih64", "covid"], data_dir, LABELS)
+    assert df["source"].value_counts().to_dict() == {"nih384": 1094, "nih64": 1000, "covid": 527}
+    shared = set(nih["patient"]) & set(nih64["patient"])
+    assert len(shared) == 5  # same NIH patients in both folders: one namespace, kept together
+    split = patient_split(df, seed=0)
+    assert_patient_disjoint(df, split)
+    with pytest.raises(ValueError, match="unknown sources"):
+        load_sources(["nope"], data_dir, LABELS)
+
+
+def test_patient_split(nih64):
+    df = nih64
+    s0 = patient_split(df, seed=0)
+    assert set(s0) == {"train", "val", "test"}
+    assert_patient_disjoint(df, s0)
+    assert s0.equals(patient_split(df, seed=0))
+    s1 = patient_split(df, seed=1)
+    assert (s0 != s1).mean() > 0.1
+    frac = s0.value_counts(normalize=True)
+    assert abs(frac["train"] - 0.70) < 0.05 and abs(frac["val"] - 0.15) < 0.05 and abs(frac["test"] - 0.15) < 0.05
+    for label in ("Atelectasis", "Effusion", "Nodule", "Pleural_Thickening"):  # every split has positives
+        assert (df.groupby(s0)[label].sum() > 0).all(), label
+    image_level = pd.Series(np.where(np.arange(len(df)) % 5 == 0, "test", "train"), index=df.index)
+    with pytest.raises(ValueError, match="nih:"):
+        assert_patient_disjoint(df, image_level)
+
+
+def test_chexnet_lists(data_dir, nih):
+    d = data_dir / "nih/chexnet_split"
+    s = split_from_lists(nih, d / "train_list.txt", d / "val_list.txt", d / "test_list.txt")
+    assert "unused" not in set(s)
+    assert_patient_disjoint(nih, s)
+    src = pd.read_csv(data_dir / "nih/images_384/labels.csv")["source"].to_numpy()
+    assert (s[src == "reproduce_chexnet"] == "test").all()  # all of CheXNet's test split, as README says
+    assert set(s[src == "darkcovidnet"]) == {"train", "val", "test"}  # the random sample is not
+
+    # official-style train_val vs test: val is carved out of train_val by patient
+    train_val = [ln.split()[0] for f in ("train_list.txt", "val_list.txt") for ln in open(d / f)]
+    c = split_from_lists(nih, train_val, test_list=d / "test_list.txt", val_frac=0.2, seed=3)
+    assert_patient_disjoint(nih, c)
+    assert (c == "test").equals(s == "test") and 0.1 < (c == "val").sum() / (c != "test").sum() < 0.3
+    only = split_from_lists(nih, [], test_list=["00000100_000.png"])
+    assert (only == "test").sum() == 1 and (only == "unused").sum() == len(nih) - 1
+
+
+@pytest.fixture(scope="module")
+def small(nih):
+    return nih.iloc[::40].head(28).reset_index(drop=True)
+
+
+def test_cache_built_once_and_exact(tmp_path, small):
+    from chestxray.imaging import read_image
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    df = pd.concat([small, small.head(1).assign(path=str(bad))], ignore_index=True)
+    cache = build_cache(df, 64, tmp_path / "cache", workers=2, progress=False)
+    assert cache.built and len(cache) == len(small) and list(cache.failed) == [str(bad)]
+    assert cache.array.shape == (len(small), 64, 64) and cache.array.dtype == np.uint8
+    npy_mtime = os.stat(cache.npy_path).st_mtime_ns
+
+    again = build_cache(df, 64, tmp_path / "cache", progress=False)
+    assert not again.built and again.key == cache.key and again.failed == cache.failed
+    assert os.stat(again.npy_path).st_mtime_ns == npy_mtime
+    other = build_cache(small.head(5), 64, tmp_path / "cache", progress=False)  # other paths: other key
+    assert other.built and other.key != cache.key
+
+    for p in small["path"].iloc[[0, 7, 27]]:
+        want = resize_gray(read_image(p).pixels, (64, 64))[0, 0].mul(255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(cache.array[cache.index_of(p)], want)
+
+    ds = XrayDataset(cache, df, LABELS)
+    assert len(ds) == len(small) and ds.dropped == 1
+    x, y = ds[3]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.uint8 and y.shape == (len(LABELS),)
+    raw = RawXrayDataset(small, LABELS, 64)
+    xr, yr = raw[3]
+    assert torch.equal(x, xr) and torch.equal(y, yr)
+
+
+def test_batch_augment():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4, 1, 48, 48, generator=g) * 255).to(torch.uint8)
+    a = batch_augment(x, torch.Generator().manual_seed(1))
+    b = batch_augment(x, torch.Generator().manual_seed(1))
+    c = batch_augment(x, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x01 = x.float() / 255
+    torch.testing.assert_close(batch_augment(x, g, strength=0.0), x01)
+    weak = batch_augment(x, g, strength=1e-4)  # goes through the warp: still ~identity
+    torch.testing.assert_close(weak, x01, atol=2e-3, rtol=0)
+    assert (batch_augment(x, g) - x01).abs().mean() > 0.02
+    # no flip by default: a bright left half stays mostly on the left
+    half = torch.zeros(8, 1, 32, 32, dtype=torch.uint8)
+    half[..., :16] = 255
+    out = batch_augment(half, g)
+    assert (out[..., :16].mean(dim=(1, 2, 3)) > out[..., 16:].mean(dim=(1, 2, 3))).all()
+    flipped = batch_augment(half, torch.Generator().manual_seed(5), hflip=True)
+    assert (flipped[..., :16].mean(dim=(1, 2, 3)) < flipped[..., 16:].mean(dim=(1, 2, 3))).any()
+
+
+def test_masked_bce_loss():
+    logits = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.7]], requires_grad=True)
+    targets = torch.tensor([[1.0, math.nan, 0.0], [math.nan, 1.0, 1.0]])
+    loss = masked_bce_loss(logits, targets)
+    known = ~targets.isnan()
+    manual = F.binary_cross_entropy_with_logits(logits[known], targets[known])
+    torch.testing.assert_close(loss, manual)
+    loss.backward()
+    assert (logits.grad[~known] == 0).all() and (logits.grad[known] != 0).all()
+
+    pw = torch.tensor([2.0, 3.0, 0.5])
+    weighted = masked_bce_loss(logits, targets, pos_weight=pw)
+    manual_w = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0.0), pos_weight=pw,
+                                                  reduction="none")[known].mean()
+    torch.testing.assert_close(weighted, manual_w)
+    none_known = masked_bce_loss(logits, torch.full_like(targets, math.nan))
+    assert none_known.item() == 0.0 and torch.isfinite(none_known)
+
+
+def test_pos_weights():
+    df = pd.DataFrame({"a": [1, 0, 0, 0, math.nan], "b": [1, 1, 1, 0, 0], "c": [0.0] * 5}, dtype=np.float32)
+    torch.testing.assert_close(pos_weights(df, ["a", "b", "c"]), torch.tensor([3.0, 2 / 3, 1.0]))
+    rare = pd.DataFrame({"d": [1.0] + [0.0] * 49})
+    assert pos_weights(rare, ["d"], max_weight=10.0).item() == 10.0

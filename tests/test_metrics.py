@@ -1,0 +1,192 @@
+"""Metrics (AUROC, thresholds, bootstrap CIs, the JSON report) and the evaluation plots."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from chestxray import metrics as M
+from chestxray import plots
+
+N, K = 300, 15
+LABELS = [f"Finding{k}" for k in range(K - 1)] + ["No Finding"]
+
+
+def _data(n: int = N, k: int = K, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random multi-label targets with varied prevalence and informative, tied probabilities."""
+    rng = np.random.default_rng(seed)
+    prev = np.linspace(0.03, 0.5, k)
+    Y = (rng.random((n, k)) < prev).astype(np.float64)
+    P = 1 / (1 + np.exp(-(1.5 * Y + rng.normal(0, 1, (n, k)) - 1)))
+    return Y, np.round(P, 2)  # rounding makes ties
+
+
+def _undefined(Y: np.ndarray) -> np.ndarray:
+    """Marks label 3 as one-class (no positives) and label 5 as unknown except for negatives."""
+    Y = Y.copy()
+    Y[:, 3] = 0.0
+    Y[: N // 2, 5] = np.nan
+    Y[N // 2:, 5] = 0.0
+    return Y
+
+
+def test_auroc_matches_sklearn_with_ties() -> None:
+    Y, P = _data()
+    for k in range(K):
+        assert M.auroc(Y[:, k], P[:, k]) == pytest.approx(roc_auc_score(Y[:, k], P[:, k]), abs=1e-12)
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 2, 50).astype(float), rng.integers(0, 4, 50) / 3  # heavy ties
+    assert M.auroc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn() -> None:
+    from sklearn.metrics import roc_curve
+    Y, P = _data()
+    fpr, tpr, _ = M.roc_curve(Y[:, 14], P[:, 14])
+    f2, t2, _ = roc_curve(Y[:, 14], P[:, 14], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f2)
+    np.testing.assert_allclose(tpr, t2)
+
+
+def test_nan_targets_ignored() -> None:
+    Y, P = _data()
+    y, p = Y[:, 10].copy(), P[:, 10].copy()
+    y[::3] = np.nan
+    p[::3] = 1.0 - y[1::3].mean()  # garbage scores on unknown rows must not matter
+    keep = ~np.isnan(y)
+    assert M.auroc(y, p) == pytest.approx(roc_auc_score(y[keep], p[keep]))
+    m = M.label_metrics(y, p, 0.5, n_boot=0)
+    assert m["n"] == keep.sum() and m["support_pos"] == y[keep].sum()
+
+
+def test_single_class_is_nan_not_error() -> None:
+    p = np.linspace(0, 1, 20)
+    assert math.isnan(M.auroc(np.zeros(20), p))
+    assert math.isnan(M.auroc(np.ones(20), p))
+    assert math.isnan(M.auroc(np.full(20, np.nan), p))
+    assert math.isnan(M.auroc(np.array([]), np.array([])))
+    assert all(math.isnan(v) for v in M.bootstrap_ci(np.zeros(20), p, n_boot=50))
+    assert M.choose_threshold(np.zeros(20), p) == 0.5
+    m = M.label_metrics(np.zeros(20), p, 0.5)
+    assert m["auroc"] is None and m["auroc_ci"] == [None, None] and m["recall"] is None
+    json.dumps(m, allow_nan=False)
+
+
+@pytest.mark.parametrize("rule", ["youden", "f1"])
+def test_threshold_splits_separable_toy(rule: str) -> None:
+    rng = np.random.default_rng(2)
+    y = np.r_[np.zeros(40), np.ones(20), np.full(5, np.nan)]
+    p = np.r_[rng.uniform(0.0, 0.3, 40), rng.uniform(0.7, 1.0, 20), rng.random(5)]
+    t = M.choose_threshold(y, p, rule)
+    assert 0.3 < t < 0.7
+    m = M.label_metrics(y, p, t, n_boot=0)
+    assert m["accuracy"] == m["recall"] == m["specificity"] == m["f1"] == 1.0
+    with pytest.raises(ValueError):
+        M.choose_threshold(y, p, "bogus")
+
+
+def test_youden_matches_brute_force() -> None:
+    Y, P = _data(seed=3)
+    y, p = Y[:, 12], P[:, 12]
+    t = M.choose_threshold(y, p)
+    j = lambda c: np.mean(p[y == 1] >= c) - np.mean(p[y == 0] >= c)  # noqa: E731
+    assert j(t) == pytest.approx(max(j(c) for c in np.unique(p)))
+
+
+def test_bootstrap_ci_contains_estimate_and_narrows() -> None:
+    widths = []
+    for n in (150, 1500):
+        Y, P = _data(n=n, seed=4)
+        y, p = Y[:, -1], P[:, -1]  # prevalence 0.5
+        lo, hi = M.bootstrap_ci(y, p, n_boot=500, seed=0)
+        assert lo < M.auroc(y, p) < hi
+        assert M.bootstrap_ci(y, p, n_boot=500, seed=0) == (lo, hi)  # seeded
+        widths.append(hi - lo)
+    assert widths[1] < 0.6 * widths[0]
+
+
+def test_bootstrap_generic_metric_and_mean_auroc() -> None:
+    Y, P = _data()
+    acc = lambda y, p: float(np.mean((p >= 0.5) == (y == 1)))  # noqa: E731
+    lo, hi = M.bootstrap_ci(Y[:, 14], P[:, 14], metric=acc, n_boot=100)
+    assert lo <= acc(Y[:, 14], P[:, 14]) <= hi
+    Yu = _undefined(Y)
+    mean = np.nanmean([M.auroc(Yu[:, k], P[:, k]) for k in range(K)])
+    lo, hi = M.bootstrap_mean_auroc_ci(Yu, P, n_boot=300)
+    assert lo < mean < hi and hi - lo < 0.2
+
+
+def test_bootstrap_is_fast() -> None:
+    Y, P = _data(n=500)
+    t0 = time.perf_counter()
+    for k in range(K):
+        M.bootstrap_ci(Y[:, k], P[:, k], n_boot=1000)
+    M.bootstrap_mean_auroc_ci(Y, P, n_boot=1000)
+    assert time.perf_counter() - t0 < 6.0  # ~1 s here; loose for a shared CPU
+
+
+def test_evaluate_predictions_report(tmp_path) -> None:
+    Y, P = _data()
+    Y = _undefined(Y)
+    groups = np.array(["nih"] * 200 + ["peds"] * 100)
+    Y[200:, :] = np.nan  # the paediatric source only annotates one label
+    Y[200:, 6] = (np.arange(100) % 4 == 0).astype(float)
+    thresholds = {name: 0.4 for name in LABELS[:10]}
+    rep = M.evaluate_predictions(Y, P, LABELS, thresholds=thresholds, groups=groups, n_boot=200)
+    text = json.dumps(rep, allow_nan=False)
+    assert json.loads(text) == rep
+    assert rep["n_images"] == N
+    assert rep["undefined_labels"] == [LABELS[3], LABELS[5]]
+    defined = [v["auroc"] for v in rep["labels"].values() if v["auroc"] is not None]
+    assert len(defined) == K - 2 and rep["mean_auroc"] == pytest.approx(np.mean(defined))
+    lo, hi = rep["mean_auroc_ci"]
+    assert lo < rep["mean_auroc"] < hi
+    first, last = rep["labels"][LABELS[0]], rep["labels"][LABELS[-1]]
+    assert first["threshold"] == 0.4 and first["threshold_source"] == "config"
+    assert last["threshold"] == 0.5 and last["threshold_source"] == "default-0.5"
+    assert set(first) >= {"auroc", "auroc_ci", "accuracy", "precision", "recall", "specificity",
+                          "f1", "threshold", "support_pos", "support_neg", "n"}
+    # By group: the same structure, computed on that group's rows only.
+    assert set(rep["by_group"]) == {"nih", "peds"}
+    peds = rep["by_group"]["peds"]
+    assert "by_group" not in peds and peds["n_images"] == 100
+    assert peds["undefined_labels"] == [n for n in LABELS if n != LABELS[6]]
+    assert peds["labels"][LABELS[6]]["support_pos"] == 25
+    assert peds["labels"][LABELS[6]]["auroc"] == pytest.approx(M.auroc(Y[200:, 6], P[200:, 6]))
+    nih = rep["by_group"]["nih"]["labels"][LABELS[14]]
+    assert nih["auroc"] == pytest.approx(roc_auc_score(Y[:200, 14], P[:200, 14]))
+    out = M.to_json(rep, tmp_path / "sub" / "metrics.json")
+    assert json.loads(out.read_text()) == rep
+
+
+def test_to_json_converts_numpy(tmp_path) -> None:
+    obj = {"a": np.float32(0.5), "b": np.int64(3), "c": np.array([1.0, np.nan]), "d": (np.bool_(True),),
+           "e": float("inf")}
+    data = json.loads(M.to_json(obj, tmp_path / "x.json").read_text())
+    assert data == {"a": 0.5, "b": 3, "c": [1.0, None], "d": [True], "e": None}
+
+
+def _check_png(path, min_w: int = 300, min_h: int = 200) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_w and im.size[1] >= min_h
+
+
+def test_plots_write_pngs(tmp_path) -> None:
+    Y, P = _data()
+    Y = _undefined(Y)
+    thresholds = {n: 0.3 for n in LABELS[:5]}
+    _check_png(plots.plot_roc_curves(Y, P, LABELS, tmp_path / "roc.png", title="test set"))
+    _check_png(plots.plot_confusion_matrices(Y, P, LABELS, thresholds, tmp_path / "cm.png"), 800, 500)
+    rows = [{"epoch": 1, "train_loss": 0.5, "val_loss": 0.45, "val_mean_auroc": 0.7},
+            {"epoch": 2, "train_loss": 0.4, "val_loss": None},
+            {"epoch": 3, "train_loss": 0.35, "val_loss": 0.41, "val_mean_auroc": 0.76}]
+    _check_png(plots.plot_training_curves(rows, tmp_path / "curves.png"))
+    _check_png(plots.plot_training_curves([], tmp_path / "empty.png"))
