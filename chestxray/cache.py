@@ -63,6 +63,15 @@ class CachedImages:
         if self.array.shape != (len(self.paths), self.size, self.size):
             raise ValueError(f"{self.npy_path}: shape {self.array.shape} does not match its index")
 
+    def __getstate__(self) -> dict:  # spawn-started DataLoader workers reopen the memmap
+        state = self.__dict__.copy()
+        state["array"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = np.load(self.npy_path, mmap_mode="r")
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -153,7 +162,7 @@ def build_cache(df: pd.DataFrame | Sequence[str], size: int, cache_dir: str | os
 
 
 def _targets(df: pd.DataFrame, labels: Sequence[str]) -> torch.Tensor:
-    return torch.as_tensor(df[list(labels)].to_numpy(dtype=np.float32).reshape(len(df), len(labels)))
+    return torch.tensor(df[list(labels)].to_numpy(dtype=np.float32).reshape(len(df), len(labels)))
 
 
 class XrayDataset(torch.utils.data.Dataset):
@@ -238,9 +247,7 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None, str
                          torch.stack([sin * ar / zoom, cos / zoom, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(0.0, 1.0)
-    g = torch.exp(u[:, 5] * gamma * s).view(b, 1, 1, 1)
-    x = x.clamp_min(1e-6).pow(g)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = x.clamp_min_(1e-6).pow_(torch.exp(u[:, 5] * gamma * s).view(b, 1, 1, 1))
     c = (1.0 + u[:, 6] * contrast * s).view(b, 1, 1, 1)
-    x = (x - mean) * c + mean + (u[:, 7] * brightness * s).view(b, 1, 1, 1)
-    return x.clamp_(0.0, 1.0)
+    shift = x.mean(dim=(1, 2, 3), keepdim=True) * (1.0 - c) + (u[:, 7] * brightness * s).view(b, 1, 1, 1)
+    return torch.addcmul(shift, x, c).clamp_(0.0, 1.0)  # (x - mean) * c + mean + brightness

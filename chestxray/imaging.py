@@ -117,12 +117,14 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3].astype(np.float32) @ _LUMA
 
 
-def _load(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str]:
+def _load(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str, str]:
+    """Return (content, display name, lower-case suffix); bytes have no suffix."""
+    suffix = ""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), "uploaded data"
     else:
         path = Path(os.fspath(source))
-        name = path.name or str(path)
+        name, suffix = path.name or str(path), path.suffix.lower()
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -144,7 +146,7 @@ def _load(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str
         raise ImageReadError(f"file is empty: {name}")
     if len(data) > max_bytes:
         raise ImageReadError(f"file too large: {len(data) / 2**20:.0f} MB (limit {max_bytes / 2**20:g} MB)")
-    return data, name
+    return data, name, suffix
 
 
 def read_image(
@@ -167,8 +169,7 @@ def read_image(
     Raises:
         ImageReadError: For any unreadable, unsupported, blank or oversized input.
     """
-    data, name = _load(source, max_bytes)
-    suffix = Path(name).suffix.lower() if name != "uploaded data" else ""
+    data, name, suffix = _load(source, max_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL/pydicom warnings may quote header values
         if data[128:132] == b"DICM":

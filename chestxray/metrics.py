@@ -110,14 +110,14 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden") -> floa
     fpr, tpr, thr = roc_curve(y, p)
     if thr.size < 2:
         return 0.5
-    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop the 'nothing positive' point
+    pos, _, _ = _clean(y, p)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    tp, fp = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg)  # exact counts: clean ties
+    thr = thr[1:]  # drop the 'nothing positive' point
     if rule == "youden":
-        score = tpr - fpr
+        score = tp * n_neg - fp * n_pos  # J * n_pos * n_neg
     else:
-        pos, _, _ = _clean(y, p)
-        n_pos, n_neg = pos.sum(), (~pos).sum()
-        tp, fp = tpr * n_pos, fpr * n_neg
-        score = 2 * tp / (2 * tp + fp + (n_pos - tp))
+        score = 2 * tp / (tp + fp + n_pos)  # 2TP / (2TP + FP + FN)
     i = int(np.argmax(score))
     return float(thr[i] if i == thr.size - 1 else (thr[i] + thr[i + 1]) / 2)
 

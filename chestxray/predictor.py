@@ -58,6 +58,8 @@ class Analysis:
     cams: np.ndarray  # K x h x w, each in [0,1], at feature resolution
     image: np.ndarray  # display image H x W in [0,1]
     thresholds: dict[str, float] = field(default_factory=dict)
+    embedding: np.ndarray | None = None  # C, globally pooled final features (for the input gate)
+    warnings: list[str] = field(default_factory=list)  # e.g. "does not look like a frontal chest X-ray"
 
     def prob_dict(self) -> dict[str, float]:
         """{label: probability}, in the checkpoint's label order."""
@@ -133,7 +135,8 @@ class Predictor:
         feats, logits = features_and_logits(self.model, self._input(pixels), self.arch)
         probs = torch.sigmoid(logits)[0].float().cpu().numpy()
         cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
-        return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds))
+        embedding = feats.float().mean(dim=(2, 3))[0].cpu().numpy()
+        return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding)
 
     def explain(self, image, label: str, method: str = "gradcam") -> np.ndarray:
         """The map of one label's logit by ``method``, at the model's input resolution (H x W, [0,1])."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -173,6 +173,9 @@ def test_cache_built_once_and_exact(tmp_path, small):
     for p in small["path"].iloc[[0, 7, 27]]:
         want = resize_gray(read_image(p).pixels, (64, 64))[0, 0].mul(255).round().to(torch.uint8).numpy()
         np.testing.assert_array_equal(cache.array[cache.index_of(p)], want)
+
+    clone = pickle.loads(pickle.dumps(cache))  # spawn-started loader workers reopen the memmap
+    assert isinstance(clone.array, np.memmap) and np.array_equal(clone.array[5], cache.array[5])
 
     ds = XrayDataset(cache, df, LABELS)
     assert len(ds) == len(small) and ds.dropped == 1

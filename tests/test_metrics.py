@@ -90,12 +90,17 @@ def test_threshold_splits_separable_toy(rule: str) -> None:
         M.choose_threshold(y, p, "bogus")
 
 
-def test_youden_matches_brute_force() -> None:
+@pytest.mark.parametrize("rule", ["youden", "f1"])
+def test_threshold_matches_brute_force(rule: str) -> None:
     Y, P = _data(seed=3)
     y, p = Y[:, 12], P[:, 12]
-    t = M.choose_threshold(y, p)
-    j = lambda c: np.mean(p[y == 1] >= c) - np.mean(p[y == 0] >= c)  # noqa: E731
-    assert j(t) == pytest.approx(max(j(c) for c in np.unique(p)))
+    t = M.choose_threshold(y, p, rule)
+    assert p.min() <= t <= p.max()
+
+    def score(c: float) -> float:
+        tp, fp = np.sum(p[y == 1] >= c), np.sum(p[y == 0] >= c)
+        return tp / (y == 1).sum() - fp / (y == 0).sum() if rule == "youden" else 2 * tp / (tp + fp + (y == 1).sum())
+    assert score(t) == pytest.approx(max(score(c) for c in np.unique(p)))
 
 
 def test_bootstrap_ci_contains_estimate_and_narrows() -> None:
@@ -127,7 +132,7 @@ def test_bootstrap_is_fast() -> None:
     for k in range(K):
         M.bootstrap_ci(Y[:, k], P[:, k], n_boot=1000)
     M.bootstrap_mean_auroc_ci(Y, P, n_boot=1000)
-    assert time.perf_counter() - t0 < 6.0  # ~1 s here; loose for a shared CPU
+    assert time.perf_counter() - t0 < 3.0  # ~0.2 s here; loose for a shared CPU
 
 
 def test_evaluate_predictions_report(tmp_path) -> None:

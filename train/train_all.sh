@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reproduces every shipped checkpoint: trains the five recipes (resumable: re-run to continue),
+# then evaluates each best checkpoint on its held-out test split and installs it in weights/.
+# Usage: bash train/train_all.sh [arch ...]        (default: all five)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+ARCHS=("$@")
+[ ${#ARCHS[@]} -gt 0 ] || ARCHS=(resnet18 efficientnet_b0 mobilenetv2_100 efficientnet_b2 swin_tiny_patch4_window7_224)
+for arch in "${ARCHS[@]}"; do
+  if [ ! -f "runs/$arch/DONE" ]; then
+    "$PY" train/train.py --config "train/configs/$arch.yaml" --resume true
+    touch "runs/$arch/DONE"
+  fi
+  if [ "${SKIP_RELEASE:-0}" != 1 ]; then
+    "$PY" -m chestxray release "runs/$arch" --name "$arch"
+  fi
+done
