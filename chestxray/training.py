@@ -74,7 +74,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     resume: bool = False
-    half: bool = True  # store published weights in float16
+    half: bool = True  # publish weights in float16 (the run keeps float32; `release` compares both)
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = no limit
     eval_boot: int = 1000
     push_to_hub: str | None = None
@@ -293,7 +293,7 @@ class Trainer:
                              "pretrained": self.cfg.pretrained, "img_size": self.cfg.img_size}}
         return save_checkpoint(self.model, self.out / "best", arch=self.cfg.arch, labels=self.labels,
                                img_size=self.cfg.img_size, mean=self.mean, std=self.std, thresholds=thresholds,
-                               meta=meta, half=self.cfg.half)
+                               meta=meta, half=False)
 
     # -- loop ---------------------------------------------------------------------------------
     def run(self) -> Path:

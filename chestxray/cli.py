@@ -1,0 +1,190 @@
+"""Command line: ``python -m chestxray {predict,evaluate,release,publish} ...``.
+
+User errors (unreadable images, unknown models, bad options) end with one ``error:`` line and a
+non-zero exit code, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from chestxray.checkpoint import CheckpointError
+from chestxray.imaging import SUPPORTED_EXTENSIONS, ImageReadError
+
+log = logging.getLogger("chestxray")
+
+
+def default_model() -> str:
+    """The app's default model (``models.yaml``), so the CLI and the app agree."""
+    from chestxray.registry import ModelRegistry
+
+    registry = ModelRegistry.from_yaml()
+    name = registry.default()
+    if name is None:
+        raise CheckpointError("no trained model is installed in weights/; pass --model")
+    return name
+
+
+def iter_images(paths: Sequence[str]) -> Iterator[Path]:
+    """Files as given, and folders walked recursively for image/DICOM files (extension-less included)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith(".") and (
+                        f.suffix.lower() in SUPPORTED_EXTENSIONS or f.suffix == ""):
+                    yield f
+        else:
+            yield p
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predicts every image; a bad file is reported and skipped, the others are still predicted."""
+    from tqdm import tqdm
+
+    from chestxray.imaging import read_image
+    from chestxray.predictor import Predictor
+
+    predictor = Predictor.load(args.model or default_model())
+    files = list(iter_images(args.paths))
+    if not files:
+        print("error: no image files found", file=sys.stderr)
+        return 2
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    writer = csv.writer(out)
+    writer.writerow(["path", *predictor.labels])
+    cam_dir = Path(args.cam_dir) if args.cam_dir else None
+    if cam_dir:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for f in tqdm(files, desc="predict", unit="img", disable=len(files) < 5 or not sys.stderr.isatty(), file=sys.stderr):
+        try:
+            xray = read_image(f)
+        except ImageReadError as err:
+            failed += 1
+            print(f"skipped {f}: {err}", file=sys.stderr)
+            continue
+        a = predictor.analyze(xray)
+        writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs)])
+        for w in a.warnings:
+            print(f"warning {f}: {w}", file=sys.stderr)
+        if cam_dir:
+            _write_cams(a, f, cam_dir, args.cam_label, args.alpha)
+    if args.out:
+        out.close()
+    print(f"{len(files) - failed} predicted, {failed} skipped", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_cams(analysis, src: Path, cam_dir: Path, label: str | None, alpha: float) -> None:
+    from PIL import Image
+
+    labels = [label] if label and label != "positive" else (analysis.positives() if label == "positive" else
+                                                            [analysis.top_label()])
+    for k in labels:
+        if k not in analysis.labels:
+            raise ValueError(f"--cam-label {k!r} is not one of the model's labels")
+        name = f"{src.stem}_{k.replace(' ', '_')}.png"
+        Image.fromarray(analysis.overlay(k, alpha)).save(cam_dir / name)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Writes metrics.json, ROC and confusion plots for labelled images."""
+    from chestxray.evaluate import evaluate
+
+    m = evaluate(args.model or default_model(), args.out, labels_csv=args.labels, images=args.images,
+                 sources=args.source or (), data_root=args.data_root, split=args.split, n_boot=args.n_boot,
+                 progress=sys.stderr.isatty())
+    ci = m.get("mean_auroc_ci") or [None, None]
+    mean = m.get("mean_auroc")
+    print(f"mean AUROC {mean:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}) on {m['n_images']} images -> {args.out}"
+          if mean is not None and ci[0] is not None else f"mean AUROC undefined on {m['n_images']} images")
+    for g, gm in sorted(m.get("by_group", {}).items()):
+        if gm.get("mean_auroc") is not None:
+            print(f"  {g}: {gm['mean_auroc']:.4f} on {gm['n_images']} images")
+    if m.get("undefined_labels"):
+        print(f"labels without positives or negatives here: {', '.join(m['undefined_labels'])}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Builds a shipped checkpoint folder from a training run."""
+    from chestxray.release import release
+
+    dest = release(args.run, args.name or Path(args.run).name, dest_root=args.dest, data_root=args.data_root,
+                   n_boot=args.n_boot, fit_gate=not args.no_gate, repo_id=args.repo_id,
+                   progress=sys.stderr.isatty())
+    print(f"released {dest}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Uploads a checkpoint folder to the Hugging Face Hub."""
+    from chestxray.hub import publish
+
+    print(publish(args.folder, args.repo_id, token=args.token, private=args.private))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m chestxray`` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m chestxray", description="Chest X-ray classification toolkit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="probabilities per label for images, folders (recursive) or DICOMs")
+    pr.add_argument("paths", nargs="+", metavar="PATH")
+    pr.add_argument("--model", help="shipped name, checkpoint folder or hf-hub:org/name (default: the app's)")
+    pr.add_argument("--out", help="CSV file (default: standard output)")
+    pr.add_argument("--cam-dir", help="write Grad-CAM overlay PNGs here")
+    pr.add_argument("--cam-label", help="label to explain (default: the top one; 'positive' = all above threshold)")
+    pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="metrics.json, ROC curves and confusion matrices on labelled images")
+    ev.add_argument("--model")
+    ev.add_argument("--labels", help="label CSV (NIH layout, or one 0/1/blank column per label)")
+    ev.add_argument("--images", help="folder the CSV's image names are relative to (default: the CSV's)")
+    ev.add_argument("--source", action="append", help="shared-data source name instead (repeatable): "
+                                                      "nih384, nih64, kermany, covid, tbx11k")
+    ev.add_argument("--data-root", default="../shared/data")
+    ev.add_argument("--split", help="only images this checkpoint's splits.csv puts in SPLIT (e.g. test)")
+    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_evaluate)
+
+    rl = sub.add_parser("release", help="evaluate a training run and install it as a shipped checkpoint")
+    rl.add_argument("run", help="training run folder (with best/, manifest.csv, log.csv)")
+    rl.add_argument("--name")
+    rl.add_argument("--dest", help="destination root (default: weights/)")
+    rl.add_argument("--data-root")
+    rl.add_argument("--n-boot", type=int, default=1000)
+    rl.add_argument("--repo-id", help="Hub repo id for the model card's usage snippet")
+    rl.add_argument("--no-gate", action="store_true", help="do not fit the input gate")
+    rl.set_defaults(func=cmd_release)
+
+    pb = sub.add_parser("publish", help="upload a checkpoint folder to the Hugging Face Hub")
+    pb.add_argument("folder")
+    pb.add_argument("repo_id")
+    pb.add_argument("--token", default=os.environ.get("HF_TOKEN"))
+    pb.add_argument("--private", action="store_true")
+    pb.set_defaults(func=cmd_publish)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ImageReadError, CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,127 @@
+"""Evaluation: run a model on labelled images through the product's own path and write the evidence.
+
+Images are decoded by :func:`chestxray.imaging.read_image` and preprocessed by the checkpoint's
+:class:`~chestxray.transforms.Preprocess`, exactly as in the app, so the numbers describe what a
+user gets. Outputs: ``metrics.json`` (per label AUROC with bootstrap CI, accuracy, precision,
+recall, F1 at the stored threshold, support; ``mean_auroc``; per-source breakdown), ``roc.png``,
+``confusion.png`` and ``predictions.csv``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from chestxray.imaging import ImageReadError, read_image
+from chestxray.metrics import evaluate_predictions, to_json
+from chestxray.plots import plot_confusion_matrices, plot_roc_curves
+from chestxray.predictor import Predictor
+
+log = logging.getLogger(__name__)
+SPLITS_FILE = "splits.csv"
+
+
+def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 16,
+                  progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
+    """Probabilities for many files (NaN rows for unreadable ones) and {path: one-line error}."""
+    probs = np.full((len(paths), len(predictor.labels)), np.nan, dtype=np.float32)
+    errors: dict[str, str] = {}
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(paths), batch_size):
+        chunk, idx = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                chunk.append(read_image(paths[i]).pixels)
+                idx.append(i)
+            except ImageReadError as err:
+                errors[str(paths[i])] = str(err)
+        if chunk:
+            probs[idx] = predictor.predict_batch(chunk)
+        bar.update(min(batch_size, len(paths) - start))
+    bar.close()
+    return probs, errors
+
+
+def select_split(df: pd.DataFrame, splits_csv: str | os.PathLike, split: str) -> pd.DataFrame:
+    """Keeps the rows a checkpoint's ``splits.csv`` assigns to ``split``, matched by file name.
+
+    File names are unique within each public set (NIH's ``00000100_000.png``); a name listed in two
+    splits would be ambiguous and is dropped rather than guessed.
+    """
+    s = pd.read_csv(splits_csv, dtype=str)
+    by_name = s.groupby("image")["split"].agg(lambda v: v.iat[0] if v.nunique() == 1 else "ambiguous")
+    names = df["path"].map(os.path.basename)
+    out = df[(names.map(by_name) == split).to_numpy()]
+    if out.empty:
+        raise ValueError(f"no image of these sources is in the {split!r} split of {splits_csv}")
+    return out
+
+
+def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.PathLike, *, n_boot: int = 1000,
+                      seed: int = 0, progress: bool = True, title: str | None = None) -> dict[str, Any]:
+    """Evaluates a manifest (see :mod:`chestxray.data`) and writes metrics.json, plots and predictions.
+
+    Labels of the model that the manifest lacks are reported as undefined; labels of the manifest
+    that the model lacks are listed under ``labels_not_in_model``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = predictor.labels
+    for k in labels:
+        if k not in df.columns:
+            df = df.assign(**{k: np.nan})
+    probs, errors = predict_paths(predictor, list(df["path"]), progress=progress)
+    ok = ~np.isnan(probs).any(axis=1)
+    Y = df[labels].to_numpy(np.float64)[ok]
+    P = probs[ok].astype(np.float64)
+    groups = df["source"].to_numpy()[ok] if df["source"].nunique() > 1 else None
+    metrics = evaluate_predictions(Y, P, labels, predictor.thresholds, groups=groups, n_boot=n_boot, seed=seed)
+    metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
+                   unreadable=dict(list(errors.items())[:20]),
+                   sources=sorted(df["source"].unique().tolist()))
+    to_json(metrics, out / "metrics.json")
+    pred = pd.DataFrame(P, columns=labels)
+    pred.insert(0, "image", [os.path.basename(p) for p in df["path"][ok]])
+    pred.insert(1, "source", df["source"].to_numpy()[ok])
+    pred.to_csv(out / "predictions.csv", index=False, float_format="%.5f")
+    plot_roc_curves(Y, P, labels, out / "roc.png", title=title or f"{predictor.name}: ROC ({len(Y)} images)")
+    plot_confusion_matrices(Y, P, labels, predictor.thresholds, out / "confusion.png")
+    return metrics
+
+
+def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None = None, images: str | None = None,
+             sources: Sequence[str] = (), data_root: str = "../shared/data", split: str | None = None,
+             n_boot: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """The ``evaluate`` command: a label CSV + image folder, or shared-data sources by name.
+
+    Args:
+        model: model reference (shipped name, folder, ``hf-hub:``).
+        out_dir: where metrics.json and the plots go.
+        labels_csv, images: a label file (NIH layout or one 0/1/blank column per label) and its folder.
+        sources: shared-data source names (see :data:`chestxray.data.SOURCES`) instead.
+        split: keep only the images the checkpoint's ``splits.csv`` puts in this split (e.g. "test").
+    """
+    from chestxray.data import load_sources, read_manifest
+
+    predictor = Predictor.load(model)
+    if labels_csv:
+        df = read_manifest(labels_csv, images or Path(labels_csv).parent, predictor.labels,
+                           source=Path(images or Path(labels_csv).parent).name, missing="drop")
+    elif sources:
+        df = load_sources(list(sources), data_root, predictor.labels, missing="drop")
+    else:
+        raise ValueError("give --labels (and --images) or --source")
+    if split:
+        splits = predictor.ckpt.path / SPLITS_FILE
+        if not splits.is_file():
+            raise ValueError(f"--split needs {SPLITS_FILE} in the checkpoint folder {predictor.ckpt.path}")
+        df = select_split(df, splits, split)
+    if df.empty:
+        raise ValueError("no labelled images found")
+    return evaluate_manifest(predictor, df.reset_index(drop=True), out_dir, n_boot=n_boot, progress=progress)

@@ -1,0 +1,135 @@
+"""Model cards: the README.md of a checkpoint folder, with Hub metadata (model-index) and honest limits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DISCLAIMER = ("Research and education only. Not a medical device; not for diagnosis, triage or any "
+              "clinical decision.")
+CHEXNET = "CheXNet (Rajpurkar et al., 2017): 0.841 mean AUROC over 14 findings, DenseNet-121 at 224 px on 98k NIH images"
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _ci(ci: list | None) -> str:
+    if not ci or ci[0] is None:
+        return ""
+    return f" ({ci[0]:.3f}-{ci[1]:.3f})"
+
+
+def model_index(name: str, metrics: dict[str, Any], dataset: str) -> list[dict]:
+    """Hub ``model-index`` entries: mean AUROC and per-label AUROC on the named evaluation set."""
+    results = [{"type": "roc_auc", "name": "mean AUROC", "value": round(metrics["mean_auroc"], 4)}] \
+        if metrics.get("mean_auroc") is not None else []
+    for label, m in metrics.get("labels", {}).items():
+        if m.get("auroc") is not None:
+            results.append({"type": "roc_auc", "name": f"AUROC {label}", "value": round(m["auroc"], 4)})
+    return [{"name": name, "results": [{"task": {"type": "image-classification", "name": "Multi-label chest X-ray"},
+                                         "dataset": {"type": "nih-chest-xrays", "name": dataset},
+                                         "metrics": results}]}]
+
+
+def label_table(metrics: dict[str, Any]) -> str:
+    """Markdown table: per-label AUROC (CI), threshold, sensitivity, specificity, F1, support."""
+    rows = ["| label | AUROC (95% CI) | threshold | sensitivity | specificity | F1 | positives / negatives |",
+            "|---|---|---|---|---|---|---|"]
+    for label, m in metrics["labels"].items():
+        rows.append(f"| {label} | {_fmt(m.get('auroc'))}{_ci(m.get('auroc_ci'))} | {_fmt(m.get('threshold'))} | "
+                    f"{_fmt(m.get('recall'))} | {_fmt(m.get('specificity'))} | {_fmt(m.get('f1'))} | "
+                    f"{m.get('support_pos', 0)} / {m.get('support_neg', 0)} |")
+    return "\n".join(rows)
+
+
+def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
+                     headline_group: str, extra_sections: dict[str, str] | None = None,
+                     repo_id: str | None = None) -> Path:
+    """Writes ``README.md`` in a checkpoint folder.
+
+    Args:
+        folder: the checkpoint folder (plots referenced relatively must already be there).
+        name: model name.
+        config: the folder's config.json (label names, ``chestxray`` block with training facts).
+        metrics: evaluate output on the held-out test split (with ``by_group`` per source).
+        headline_group: the group whose mean AUROC is the headline (e.g. ``nih384``).
+        extra_sections: more Markdown sections, title -> body.
+        repo_id: Hub repo id, for the usage snippet.
+    """
+    folder = Path(folder)
+    block = config.get("chestxray", {})
+    train = block.get("training", {})
+    groups = metrics.get("by_group", {})
+    head = groups.get(headline_group, metrics)
+    front = {"library_name": "timm", "license": "apache-2.0", "pipeline_tag": "image-classification",
+             "tags": ["image-classification", "timm", "chest-x-ray", "medical-imaging", "multi-label"],
+             "model-index": model_index(name, head, f"NIH ChestX-ray14 sample, held-out patients ({headline_group})")}
+    ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:/path/to/{name}"
+    per_source = ["| source | images | mean AUROC (95% CI) | labels with an AUROC |", "|---|---|---|---|"]
+    for g, m in sorted(groups.items()):
+        n_def = len(m["labels"]) - len(m.get("undefined_labels", []))
+        per_source.append(f"| {g} | {m['n_images']} | {_fmt(m.get('mean_auroc'))}{_ci(m.get('mean_auroc_ci'))} "
+                          f"| {n_def} |")
+    n = train.get("n_images", {})
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
+        f"> **{DISCLAIMER}**", "",
+        f"A `{config.get('architecture')}` from timm with one sigmoid output per label "
+        f"({len(config.get('label_names', []))} labels: NIH ChestX-ray14's 14 findings + No Finding), trained "
+        f"**from scratch** (no ImageNet weights could be downloaded where it was trained) at "
+        f"{config['pretrained_cfg']['input_size'][-1]} px, gray input, whole film resized (no crop).", "",
+        "## Results on held-out patients", "",
+        f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on "
+        f"{head.get('n_images')} test images of `{headline_group}` (patients never seen in training or "
+        f"validation; 95% bootstrap CI, {metrics.get('bootstrap', {}).get('n_boot', '?')} resamples). "
+        f"For scale: {CHEXNET}. These weights saw about {n.get('train', '?')} training images, ~50x fewer, "
+        "at lower resolution: expect them to be far weaker.", "",
+        "### Per source (test split)", "", *per_source, "",
+        f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
+        f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
+        "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
+        "![Training curves](training_curves.png)", "",
+        "## Training data and split", "",
+        f"- Sources: {', '.join(train.get('sources', []))} (see `splits.csv` for every image's split).",
+        f"- Split by patient (seed {train.get('seed')}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
+        f"{n.get('test', '?')} test images; no patient is in two splits.",
+        f"- Epoch and thresholds selected on validation images of: {train.get('val_sources', 'all')}; "
+        f"best epoch {train.get('epoch')} (validation mean AUROC {train.get('val_mean_auroc')}).",
+        "- Partial labels: the pediatric (Kermany) and COVID-19 sets only annotate Pneumonia / No Finding; their "
+        "other labels are unknown and masked out of the loss, never read as negative.", "",
+        "## Intended use", "",
+        "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
+        "educators. Probabilities are this model's outputs, not calibrated disease risks; a label is marked "
+        "when its probability reaches the per-label threshold stored in `config.json`.", "",
+        "## Limitations and known failure modes", "",
+        "- **Label noise**: NIH labels were mined from reports by NLP; expert audits found many wrong "
+        "(Oakden-Rayner, 2017). AUROCs on them are noisy in both directions.",
+        "- **Site and age confounding**: pediatric (Kermany) and COVID-19 images come from other hospitals and "
+        "almost all carry one label; a model can learn the source instead of the disease. Their per-source "
+        "AUROCs (often high) say little about adult NIH films.",
+        "- **Small, low-resolution training**: a few thousand images at 128 px, from scratch. Small findings "
+        "(Nodule, Mass, Pneumothorax) are near chance; treat every output as illustrative.",
+        "- Rare labels (Hernia, Pneumothorax, Emphysema...) have few test positives: wide CIs.",
+        "- Grad-CAM maps are min-max scaled per label, so a label at p=0.01 still shows a full-range "
+        "heatmap: read the map together with its probability.",
+        "- Inputs that are not frontal adult chest radiographs (lateral views, CT, photos) give meaningless "
+        "outputs; the toolkit's input gate warns about many of them but not all.", "",
+        "## Use", "", "```python", "import timm, torch",
+        f'model = timm.create_model("{ref}", pretrained=True).eval()   # plain timm', "",
+        "from chestxray import Predictor   # this toolkit: decoding, preprocessing, thresholds, Grad-CAM",
+        f'pred = Predictor.load("{ref.replace("local-dir:", "")}")',
+        'probs = pred.predict("chest.png")          # {label: probability}',
+        "```", "",
+    ]
+    for title, body in (extra_sections or {}).items():
+        lines += [f"## {title}", "", body.strip(), ""]
+    lines += ["## Citation and data", "",
+              "NIH ChestX-ray14: Wang et al., ChestX-ray8, CVPR 2017; images courtesy of the NIH Clinical Center. "
+              "Kermany et al., Cell 2018 (CC BY 4.0). COVID-19 image data collection, Cohen et al. 2020 "
+              "(per-image licences).", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,172 @@
+"""The app's model list (``models.yaml``): which checkpoints are installed, loading each once, model cards.
+
+A model is *available* when its shipped folder exists under :func:`chestxray.checkpoint.weights_dir`
+or its Hub repo is already in the Hugging Face cache. Nothing else is ever offered: with no trained
+weights installed the registry is empty, and callers say so (:data:`NO_MODEL`) instead of
+predicting with random weights. ``$CHESTXRAY_MODELS`` overrides the yaml path.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chestxray import hub
+from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
+from chestxray.predictor import Predictor
+
+MODELS_ENV = "CHESTXRAY_MODELS"
+DEFAULT_YAML = Path(__file__).resolve().parents[1] / "models.yaml"
+#: The one line shown (and raised) when no trained checkpoint is installed.
+NO_MODEL = "No trained model is installed: see the README to train or download one."
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One line of ``models.yaml``: display name, ``hf-hub:`` reference, shipped folder name."""
+
+    name: str
+    hub: str | None = None
+    local: str | None = None
+
+
+class ModelRegistry:
+    """Thread-safe registry: each model is loaded at most once, on first use."""
+
+    def __init__(self, entries: list[ModelEntry], default: str | None = None):
+        self.entries = {e.name: e for e in entries}
+        self._default = default
+        self._cache: dict[str, Predictor] = {}
+        self._locks = {name: threading.Lock() for name in self.entries}
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike | None = None) -> "ModelRegistry":
+        """Reads the model list (default: ``$CHESTXRAY_MODELS`` or the repo's ``models.yaml``)."""
+        path = Path(path or os.environ.get(MODELS_ENV) or DEFAULT_YAML)
+        data = yaml.safe_load(path.read_text()) or {}
+        entries = []
+        for item in data.get("models") or []:
+            local = item.get("local")
+            if local and (os.sep in str(local) or "/" in str(local) or str(local) in (".", "..")):
+                raise ValueError(f"{path.name}: 'local' must be a folder name under weights/, got {local!r}")
+            entries.append(ModelEntry(str(item["name"]), item.get("hub"), str(local) if local else None))
+        return cls(entries, data.get("default"))
+
+    # -- what is installed -----------------------------------------------------------------------
+    def _shipped(self, entry: ModelEntry) -> bool:
+        folder = weights_dir() / (entry.local or entry.name)
+        return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+    @staticmethod
+    def _in_hf_cache(ref: str | None) -> bool:
+        if not ref or not ref.startswith(hub.HUB_PREFIX):
+            return False
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, rev = hub.split_repo(ref)
+            return all(isinstance(try_to_load_from_cache(repo, f, revision=rev), str)
+                       for f in (CONFIG_FILE, WEIGHTS_FILE))
+        except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
+            return False
+
+    def available(self) -> list[str]:
+        """Names (yaml order) whose shipped folder exists or whose Hub repo is cached."""
+        return [n for n, e in self.entries.items() if n in self._cache or self._shipped(e) or self._in_hf_cache(e.hub)]
+
+    def default(self) -> str | None:
+        """The yaml's default if available, else the first available model, else None."""
+        names = self.available()
+        if self._default in names:
+            return self._default
+        return names[0] if names else None
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _entry(self, name: str) -> ModelEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"unknown model {name!r}; choose one of: {', '.join(self.entries) or 'none'}") from None
+
+    def folder(self, name: str) -> Path:
+        """The local checkpoint folder of a model (Hub download or cache, else its shipped folder)."""
+        entry = self._entry(name)
+        if name in self._cache:
+            return self._cache[name].ckpt.path
+        if entry.hub:
+            return hub.resolve(entry.hub, fallback=entry.local or entry.name)
+        return hub.resolve(entry.local or entry.name)
+
+    def get(self, name: str) -> Predictor:
+        """The model's :class:`Predictor`, loaded once (concurrent first calls wait for one load)."""
+        entry = self._entry(name)
+        if name in self._cache:
+            return self._cache[name]
+        with self._locks[entry.name]:
+            if name not in self._cache:
+                self._cache[name] = Predictor(load_folder(self.folder(name)))
+            return self._cache[name]
+
+    def loaded(self) -> list[str]:
+        """Names of the models loaded so far."""
+        return list(self._cache)
+
+    # -- model card -------------------------------------------------------------------------------
+    def card(self, name: str) -> dict[str, Any]:
+        """A defensive summary of the checkpoint's ``chestxray`` block (missing keys are left out)."""
+        if name in self._cache:
+            cfg = self._cache[name].ckpt.config
+            folder = self._cache[name].ckpt.path
+        else:
+            folder = self.folder(name)
+            cfg = read_config(folder)
+        meta = cfg.get("chestxray") if isinstance(cfg.get("chestxray"), dict) else {}
+        training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+        size = (cfg.get("pretrained_cfg") or {}).get("input_size") or [None]
+        card: dict[str, Any] = {
+            "name": name, "arch": cfg.get("architecture"), "img_size": size[-1],
+            "labels": list(cfg.get("label_names") or []), "label_set": meta.get("label_set"),
+            "thresholds": {k: float(v) for k, v in (meta.get("thresholds") or {}).items() if _is_num(v)},
+            "source": self.entries[name].hub if folder.parent != weights_dir() else f"weights/{folder.name}",
+        }
+        for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources"):
+            if training.get(key) is not None:
+                card[key] = training[key]
+        if _is_num(training.get("val_mean_auroc")):
+            card["val_mean_auroc"] = float(training["val_mean_auroc"])
+            ci = training.get("val_mean_auroc_ci")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci):
+                card["val_mean_auroc_ci"] = [float(v) for v in ci]
+        summary = _metrics_summary(meta)
+        if summary:
+            card["metrics"] = summary
+        return card
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _metrics_summary(meta: dict) -> dict[str, Any]:
+    """``{split: {mean_auroc, mean_auroc_ci?, n_images?}}`` from whatever evaluation block is present."""
+    out: dict[str, Any] = {}
+    for key in ("metrics", "evaluation", "test"):
+        block = meta.get(key)
+        if not isinstance(block, dict):
+            continue
+        candidates = {key: block} if "mean_auroc" in block else {k: v for k, v in block.items() if isinstance(v, dict)}
+        for split, m in candidates.items():
+            if not _is_num(m.get("mean_auroc")):
+                continue
+            row: dict[str, Any] = {"mean_auroc": float(m["mean_auroc"])}
+            ci = m.get("mean_auroc_ci")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci):
+                row["mean_auroc_ci"] = [float(v) for v in ci]
+            if _is_num(m.get("n_images")):
+                row["n_images"] = int(m["n_images"])
+            out[split] = row
+    return out

@@ -1,0 +1,138 @@
+"""Release: turn a training run into a shipped checkpoint folder with measured evidence.
+
+``python -m chestxray release runs/resnet18 --name resnet18`` writes ``weights/resnet18/`` with
+``config.json`` (metrics summary added), ``model.safetensors`` (float16), ``splits.csv``,
+``metrics.json``, ROC / confusion / training-curve plots and the model card. The float16 weights
+are evaluated against the run's float32 ones on the same test images, and the difference is
+recorded in the card.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import safetensors.torch
+
+from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_folder, weights_dir
+from chestxray.evaluate import SPLITS_FILE, evaluate_manifest, predict_paths
+from chestxray.metrics import auroc
+from chestxray.modelcard import write_model_card
+from chestxray.plots import plot_training_curves
+from chestxray.predictor import Predictor
+
+log = logging.getLogger(__name__)
+HEADLINE = "nih384"
+
+
+def _half_copy(src: Path, dst: Path) -> None:
+    state = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _mean_auc(Y: np.ndarray, P: np.ndarray) -> float:
+    aucs = [auroc(Y[:, k], P[:, k]) for k in range(Y.shape[1])]
+    return float(np.nanmean([a for a in aucs if not np.isnan(a)]))
+
+
+def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLike | None = None,
+            data_root: str | None = None, n_boot: int = 1000, half: bool = True, fit_gate: bool = True,
+            repo_id: str | None = None, progress: bool = True) -> Path:
+    """Builds ``<dest_root>/<name>`` from ``<run_dir>/best`` (see the module docstring)."""
+    run = Path(run_dir)
+    best = run / "best"
+    train_cfg = json.loads((run / "train_config.json").read_text())
+    manifest = pd.read_csv(run / "manifest.csv")
+    dest = Path(dest_root or weights_dir()) / name
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(best / CONFIG_FILE, tmp / CONFIG_FILE)
+    if half:
+        _half_copy(best, tmp)
+    else:
+        shutil.copy(best / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    # Every image's split, by file name, so `evaluate --split test` reproduces the card's numbers.
+    splits = pd.DataFrame({"image": manifest["path"].map(os.path.basename), "source": manifest["source"],
+                           "split": manifest["split"]})
+    splits.to_csv(tmp / SPLITS_FILE, index=False)
+
+    test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+    if data_root:  # re-root the run's absolute paths (e.g. a run made on another machine)
+        root = Path(train_cfg["data_root"]).resolve()
+        test["path"] = [str(Path(data_root) / Path(p).resolve().relative_to(root)) for p in test["path"]]
+    predictor = Predictor(load_folder(tmp), device="cpu")
+    metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress,
+                                title=f"{name}: ROC on held-out test patients")
+    # float16 vs float32: same images, same path.
+    ref = Predictor(load_folder(best), device="cpu")
+    p32, _ = predict_paths(ref, list(test["path"]), progress=progress)
+    p16, _ = predict_paths(predictor, list(test["path"]), progress=progress)
+    Y = test[predictor.labels].to_numpy(np.float64)
+    half_check = {"max_abs_prob_diff": float(np.nanmax(np.abs(p32 - p16))),
+                  "mean_auroc_fp32": round(_mean_auc(Y, p32), 5), "mean_auroc_fp16": round(_mean_auc(Y, p16), 5),
+                  "size_fp32_mb": round((best / WEIGHTS_FILE).stat().st_size / 2**20, 2),
+                  "size_fp16_mb": round((tmp / WEIGHTS_FILE).stat().st_size / 2**20, 2)}
+    log_path = run / "log.csv"
+    if log_path.is_file():
+        with log_path.open() as f:
+            rows = [{k: (float(v) if k != "best" else v) for k, v in r.items()} for r in csv.DictReader(f)]
+        plot_training_curves(rows, tmp / "training_curves.png")
+
+    cfg = json.loads((tmp / CONFIG_FILE).read_text())
+    groups = metrics.get("by_group", {})
+    cfg["chestxray"]["metrics"] = {
+        "split": "test", "headline_source": HEADLINE,
+        "mean_auroc": {g: m["mean_auroc"] for g, m in groups.items()} or {"all": metrics["mean_auroc"]},
+        "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()} or {"all": metrics["mean_auroc_ci"]},
+        "auroc": {k: v["auroc"] for k, v in groups.get(HEADLINE, metrics)["labels"].items()},
+        "n_test_images": {g: m["n_images"] for g, m in groups.items()},
+        "float16_check": half_check,
+    }
+    cfg["chestxray"]["training"]["recipe"] = {k: train_cfg[k] for k in
+                                              ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
+                                               "schedule", "augment", "pos_weight_max", "source_caps", "seed")
+                                              if k in train_cfg}
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+
+    if fit_gate:
+        try:
+            from chestxray import gate
+
+            gate.fit_for_release(tmp, run, data_root or train_cfg["data_root"])
+        except (ImportError, AttributeError) as err:
+            log.warning("input gate not fitted: %s", err)
+
+    extra = {"Float16 weights": (
+        f"The shipped weights are float16 ({half_check['size_fp16_mb']} MB instead of "
+        f"{half_check['size_fp32_mb']} MB). On the {len(test)} test images the largest probability difference "
+        f"to the float32 weights is {half_check['max_abs_prob_diff']:.2e}; mean AUROC "
+        f"{half_check['mean_auroc_fp32']} (float32) vs {half_check['mean_auroc_fp16']} (float16).")}
+    extra["Reproduce"] = (
+        "```bash\n"
+        f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n"
+        f"python -m chestxray evaluate --model {name} --data-root ../shared/data "
+        + " ".join(f"--source {s}" for s in sorted(test['source'].unique()))
+        + f" --split test --out eval/{name}\n```")
+    write_model_card(tmp, name=name, config=cfg, metrics=metrics, headline_group=HEADLINE,
+                     extra_sections=extra, repo_id=repo_id)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def summary_row(folder: Path) -> dict[str, Any]:
+    """One row of the README's results table from a shipped folder's config.json."""
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    m = cfg.get("chestxray", {}).get("metrics", {})
+    t = cfg.get("chestxray", {}).get("training", {})
+    return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.get("val_mean_auroc"),
+            "mean_auroc": m.get("mean_auroc", {}), "mean_auroc_ci": m.get("mean_auroc_ci", {}),
+            "size_mb": round((folder / WEIGHTS_FILE).stat().st_size / 2**20, 1)}

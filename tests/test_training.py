@@ -1,0 +1,149 @@
+"""Training on real images: the loss falls, runs resume, checkpoints load everywhere, evaluate/release work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from chestxray.checkpoint import load_folder
+from chestxray.evaluate import evaluate
+from chestxray.predictor import Predictor, as_pixels
+from chestxray.training import TrainConfig, train
+from tests.conftest import REPO
+
+N_IMAGES = 72
+
+
+@pytest.fixture(scope="module")
+def small_csv(data_dir, tmp_path_factory):
+    """A real NIH label file cut to a few dozen images (findings and No Finding mixed)."""
+    df = pd.read_csv(data_dir / "nih/images_384/labels.csv")
+    sick = df[df["Finding Labels"] != "No Finding"].head(N_IMAGES // 2)
+    healthy = df[df["Finding Labels"] == "No Finding"].head(N_IMAGES // 2)
+    path = tmp_path_factory.mktemp("csv") / "labels.csv"
+    pd.concat([sick, healthy]).to_csv(path, index=False)
+    return path
+
+
+def _cfg(tmp_path, small_csv, data_dir, **kw) -> TrainConfig:
+    base = dict(arch="test_efficientnet", csv=str(small_csv), images=str(data_dir / "nih/images_384"),
+                img_size=64, batch_size=16, epochs=6, lr=3e-3, augment=0.0, drop_rate=0.0, warmup_epochs=0,
+                out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), val_frac=0.2, test_frac=0.2,
+                patience=100, workers=1, eval_boot=0, half=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_csv, data_dir):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = _cfg(tmp, small_csv, data_dir)
+    return cfg, train(cfg)
+
+
+def test_loss_falls_and_checkpoint_is_written(trained):
+    cfg, best = trained
+    log = pd.read_csv(os.path.join(cfg.out, "log.csv"))
+    assert len(log) == cfg.epochs
+    assert log["train_loss"].iloc[-1] < 0.8 * log["train_loss"].iloc[0]
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["chestxray"]["training"]["threshold_rule"] == "youden"
+    assert set(saved["chestxray"]["thresholds"]) == set(saved["label_names"])
+    resolved = json.loads(open(os.path.join(cfg.out, "train_config.json")).read())
+    assert resolved["arch"] == "test_efficientnet" and resolved["img_size"] == 64
+
+
+def test_split_is_by_patient(trained):
+    cfg, _ = trained
+    m = pd.read_csv(os.path.join(cfg.out, "manifest.csv"))
+    per_patient = m.groupby("patient")["split"].nunique()
+    assert per_patient.max() == 1 and set(m["split"]) == {"train", "val", "test"}
+
+
+def test_trained_checkpoint_loads_in_predictor_and_plain_timm(trained, data_dir):
+    _, best = trained
+    pred = Predictor(load_folder(best), device="cpu")
+    img = data_dir / "nih/images_384/00000100_000.png"
+    probs = pred.predict(img)
+    plain = timm.create_model(f"local-dir:{best}", pretrained=True).eval()
+    x = pred.preprocess(as_pixels(img))
+    with torch.no_grad():
+        p2 = torch.sigmoid(plain(x))[0].numpy()
+    np.testing.assert_allclose(list(probs.values()), p2, atol=1e-5)
+
+
+def test_resume_continues_where_it_stopped(tmp_path, small_csv, data_dir):
+    train(_cfg(tmp_path, small_csv, data_dir, epochs=3, max_steps=0))
+    first = pd.read_csv(tmp_path / "run/log.csv")
+    train(_cfg(tmp_path, small_csv, data_dir, epochs=4, resume=True))
+    log = pd.read_csv(tmp_path / "run/log.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4]
+    assert log.iloc[:3].equals(first)
+
+
+def test_evaluate_writes_metrics_and_plots(trained, small_csv, data_dir, tmp_path):
+    _, best = trained
+    m = evaluate(str(best), tmp_path / "eval", labels_csv=str(small_csv), images=str(data_dir / "nih/images_384"),
+                 n_boot=50, progress=False)
+    for f in ("metrics.json", "roc.png", "confusion.png", "predictions.csv"):
+        assert (tmp_path / "eval" / f).stat().st_size > 0
+    saved = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert saved["n_images"] == N_IMAGES and saved["mean_auroc"] == m["mean_auroc"]
+    eff = saved["labels"]["No Finding"]
+    assert {"auroc", "auroc_ci", "accuracy", "precision", "recall", "f1", "support_pos"} <= set(eff)
+    assert "Hernia" in saved["undefined_labels"] or saved["labels"]["Hernia"]["support_pos"] > 0
+
+
+def test_release_and_evaluate_reproduce_the_card(trained, tmp_path, data_dir, small_csv):
+    from chestxray.release import release
+
+    cfg, _ = trained
+    dest = release(cfg.out, "tiny", dest_root=tmp_path / "weights", n_boot=50, fit_gate=False, progress=False)
+    for f in ("config.json", "model.safetensors", "README.md", "splits.csv", "metrics.json", "roc.png",
+              "training_curves.png"):
+        assert (dest / f).is_file(), f
+    card = (dest / "README.md").read_text()
+    assert card.startswith("---\n") and "model-index" in card and "Not a medical device" in card
+    cfg_json = json.loads((dest / "config.json").read_text())
+    half = cfg_json["chestxray"]["metrics"]["float16_check"]
+    assert half["max_abs_prob_diff"] < 5e-3
+    # The evaluate command on the test split gives the numbers stored at release.
+    m = evaluate(str(dest), tmp_path / "ev", labels_csv=str(small_csv), images=str(data_dir / "nih/images_384"),
+                 split="test", n_boot=50, progress=False)
+    stored = json.loads((dest / "metrics.json").read_text())
+    assert m["n_images"] == stored["n_images"]
+    assert m["mean_auroc"] == pytest.approx(stored["mean_auroc"], abs=1e-9)
+
+
+def test_yaml_recipe_and_flags_precedence(tmp_path):
+    sys.path.insert(0, str(REPO / "train"))
+    from train import resolve_config  # noqa: E402  (train/train.py)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: " + str(REPO / "train/configs/base.yaml") + "\narch: resnet18\nepochs: 3\n")
+    cfg = resolve_config(["--config", str(recipe), "--epochs", "5"])
+    assert (cfg.arch, cfg.epochs, cfg.labels) == ("resnet18", 5, "nih14")
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="unknown training options: epochz"):
+        resolve_config(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_two_process_ddp_on_cpu(tmp_path, small_csv, data_dir):
+    """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 writes the checkpoint."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "train/train.py"), "--arch", "test_efficientnet", "--csv", str(small_csv),
+           "--images", str(data_dir / "nih/images_384"), "--img-size", "64", "--epochs", "2", "--batch-size", "8",
+           "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "best/model.safetensors").is_file()
+    assert len(pd.read_csv(out / "log.csv")) == 2
