@@ -381,7 +381,16 @@ def train(cfg: TrainConfig) -> Path:
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
         dist.init_process_group(backend)
     try:
-        return Trainer(cfg).run()
+        best = Trainer(cfg).run()
+        if cfg.push_to_hub and _dist()[0] == 0:
+            # Publish what a user should see: the released folder (fp16 weights, card, plots).
+            from chestxray.hub import publish
+            from chestxray.release import release
+
+            folder = release(cfg.out, cfg.push_to_hub.rsplit("/", 1)[-1], dest_root=Path(cfg.out) / "release",
+                             n_boot=cfg.eval_boot, half=cfg.half, repo_id=cfg.push_to_hub)
+            log.info("published %s", publish(folder, cfg.push_to_hub))
+        return best
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,697 @@
+"""The input gate: "is this a frontal chest X-ray?", asked before any probability is shown.
+
+A model trained on chest films prints confident probabilities for anything it is given (a photo,
+a CT slice, a knee). The gate flags such inputs so that the app can warn or refuse. It needs no
+outside data: everything it learns comes from the chest X-rays the model was trained on.
+
+Three kinds of evidence, cheapest first:
+
+1. **File metadata rules** (DICOM only): a modality that is not a projection radiograph (MR, CT,
+   US, ...), a body part that is not the chest, a lateral or oblique view. Plain image files carry
+   no such metadata. A *colour* file (a photo) is also caught here when the original file is
+   available (the reader converts colour to gray, see :func:`colour_fraction`).
+2. **Appearance** (one-class, model-free): a 32x32 "eigen-chest" (probabilistic PCA of contrast-
+   normalised thumbnails of chest films) and a Gaussian on a dozen cheap gray-level statistics
+   (histogram shape, edges, symmetry, the bright-mediastinum-between-dark-lungs profile, ...).
+3. **Feature space** (one-class, per model): the Mahalanobis distance of the classifier's pooled
+   embedding to the Gaussian of the training chest X-rays' embeddings (PCA + Ledoit-Wolf).
+
+Each one-class component gives a squared distance ``d``; ``z = (log d - median) / scale`` is
+normalised by out-of-fold distances of the training films, and the gate's score is the largest
+``z``. The threshold is the ``1 - target_fa`` quantile of the scores of *validation* chest films
+(never of non-chest images, so the few real non-chest files we have stay an honest test set).
+
+Everything is saved in ``gate.safetensors`` beside the checkpoint: arrays as tensors, settings as
+JSON in the safetensors metadata (no pickle). The gate is tied to the checkpoint's classifier
+weights by a fingerprint; a gate fitted for another model is refused.
+
+CLI (run once per shipped model at release time)::
+
+    python -m chestxray.gate fit --model runs/resnet18/best --data-root ../shared/data \\
+        --out runs/resnet18/best/gate.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chestxray.imaging import ImageReadError, XrayImage, read_image
+from chestxray.transforms import resize_gray
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "gate.safetensors"
+GATE_VERSION = 1
+THUMB = 32  # eigen-chest thumbnail side
+STATS_SIDE = 64  # side of the squash-resized image the gray statistics are computed on
+
+#: DICOM modalities of projection radiographs (OT = "other", often secondary captures of films).
+RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "DF", "OT"}
+_MODALITY_NAMES = {
+    "MR": "an MR image", "CT": "a CT image", "US": "an ultrasound image", "MG": "a mammogram",
+    "NM": "a nuclear-medicine image", "PT": "a PET image", "XA": "an angiogram", "RF": "a fluoroscopy image",
+    "PX": "a dental panoramic X-ray", "IO": "an intra-oral dental X-ray", "XC": "a photograph",
+    "ES": "an endoscopy image", "OP": "an eye photograph", "SM": "a microscopy slide", "GM": "a photograph",
+    "OCT": "an OCT scan", "BMD": "a bone densitometry scan", "SC": "a secondary capture",
+}
+#: Substrings of BodyPartExamined that mean the chest (English and a few common other languages).
+CHEST_PARTS = ("CHEST", "THORA", "LUNG", "TORAX", "TORAC", "BRUST", "PECHO", "POUMON", "RIB", "STERN", "HEART")
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "L", "R", "LATERAL LEFT", "LATERAL RIGHT"}
+OBLIQUE_VIEWS = {"LAO", "RAO", "LPO", "RPO", "LLO", "RLO", "OBL", "OBLIQUE"}
+
+NOT_MEANINGFUL = "the probabilities below are not meaningful"
+APPEARANCE_MSG = (f"This does not look like a frontal chest X-ray (unusual image for this model); "
+                  f"{NOT_MEANINGFUL}.")
+COLOUR_MSG = f"This is a colour picture, not an X-ray; {NOT_MEANINGFUL}."
+
+
+# --------------------------------------------------------------------------------------------
+# Cheap pixel features
+# --------------------------------------------------------------------------------------------
+
+STAT_NAMES = (
+    "log_aspect", "mean", "std", "skew", "frac_dark", "frac_bright", "entropy", "gradient",
+    "lr_symmetry", "ud_symmetry", "border_minus_centre", "mediastinum_contrast", "bottom_minus_top",
+    "high_freq", "gray_levels",
+)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 1e-12 else 0.0
+
+
+def pixel_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnail, statistics) of a gray image in [0,1]: both float64, resolution-independent.
+
+    The thumbnail is the 32x32 squash resize, normalised to zero mean and unit variance (so that
+    exposure and contrast do not matter); the statistics are listed in :data:`STAT_NAMES`.
+    """
+    arr = np.asarray(pixels)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    h, w = arr.shape
+    t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
+    s = resize_gray(t, (STATS_SIDE, STATS_SIDE))[0, 0].double().numpy()
+    thumb = resize_gray(t, (THUMB, THUMB))[0, 0].double().numpy().ravel()
+    thumb = (thumb - thumb.mean()) / (thumb.std() + 1e-3)
+
+    mean, std = float(s.mean()), float(s.std())
+    skew = float(((s - mean) ** 3).mean() / (std ** 3 + 1e-9)) if std > 1e-6 else 0.0
+    hist = np.histogram(s, bins=32, range=(0.0, 1.0))[0] / s.size
+    entropy = float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())
+    gy, gx = np.gradient(s)
+    grad = float(np.hypot(gx, gy).mean())
+    lap = np.abs(4 * s[1:-1, 1:-1] - s[:-2, 1:-1] - s[2:, 1:-1] - s[1:-1, :-2] - s[1:-1, 2:]).mean()
+    n = STATS_SIDE
+    b = n // 8
+    border = np.concatenate([s[:b].ravel(), s[-b:].ravel(), s[b:-b, :b].ravel(), s[b:-b, -b:].ravel()])
+    centre = s[n // 4: 3 * n // 4, n // 4: 3 * n // 4]
+    rows = s[n // 4: 3 * n // 4]  # the lung fields' rows of a frontal film
+    mid = rows[:, 13 * n // 32: 19 * n // 32].mean()
+    lungs = np.concatenate([rows[:, 5 * n // 32: 11 * n // 32].ravel(), rows[:, 21 * n // 32: 27 * n // 32].ravel()]).mean()
+    q = resize_gray(t, (128, 128))[0, 0].mul(255).round().to(torch.uint8).numpy()
+    levels = int((np.bincount(q.ravel(), minlength=256) > 0).sum())
+    stats = np.array([
+        np.log(h / w), mean, std, np.clip(skew, -10, 10), float((s < 0.04).mean()), float((s > 0.96).mean()),
+        entropy, grad, _corr(s, s[:, ::-1]), _corr(s, s[::-1]), float(border.mean() - centre.mean()),
+        float(mid - lungs), float(s[n // 2:].mean() - s[: n // 2].mean()), float(lap / (std + 1e-3)),
+        np.log(levels),
+    ], dtype=np.float64)
+    return thumb, stats
+
+
+def colour_fraction(source: str | os.PathLike | bytes | None, chroma: float = 0.1) -> float | None:
+    """Fraction of clearly coloured pixels of a plain image file (None for gray files, DICOM or errors).
+
+    Chest X-rays saved as RGB have R = G = B (0.0 here); photos score 0.4-1.0. Cheap: decodes a
+    128 px draft of the file.
+    """
+    if source is None:
+        return None
+    from PIL import Image
+
+    try:
+        data = source if isinstance(source, (bytes, bytearray)) else Path(os.fspath(source)).read_bytes()
+        if bytes(data[128:132]) == b"DICM":
+            return None
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            if im.mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                return None
+            if im.mode in ("RGB", "YCbCr") and im.format == "JPEG":
+                im.draft("RGB", (256, 256))
+            im = im.convert("RGB")
+            im.thumbnail((128, 128))
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except Exception:  # noqa: BLE001 - never fail an analysis over a colour check
+        return None
+    return float(((a.max(axis=2) - a.min(axis=2)) > chroma).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata rules
+# --------------------------------------------------------------------------------------------
+
+def metadata_reasons(xray: XrayImage | None) -> list[str]:
+    """User-facing one-line reasons from the file's DICOM metadata (empty when all is plausible)."""
+    if xray is None:
+        return []
+    reasons = []
+    modality = (xray.modality or "").upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        what = _MODALITY_NAMES.get(modality, f"not a radiograph (DICOM modality {modality})")
+        reasons.append(f"The file says this is {what}, not a chest X-ray; this model reads frontal chest "
+                       f"X-rays only, so {NOT_MEANINGFUL}.")
+    part = (xray.body_part or "").upper()
+    if part and not any(c in part for c in CHEST_PARTS):
+        reasons.append(f"The file says the body part is {part.lower()}, not the chest; {NOT_MEANINGFUL}.")
+    view = (xray.view or "").upper().strip()
+    if view in LATERAL_VIEWS or view.startswith("LAT"):
+        reasons.append(f"The file says this is a lateral view; this model was trained on frontal (PA/AP) chest "
+                       f"X-rays only, so {NOT_MEANINGFUL}.")
+    elif view in OBLIQUE_VIEWS:
+        reasons.append(f"The file says this is an oblique view; this model was trained on frontal (PA/AP) chest "
+                       f"X-rays only, so {NOT_MEANINGFUL}.")
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------
+# One-class Gaussian components
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Gaussian:
+    """Probabilistic-PCA Gaussian: Mahalanobis distance in the top-k principal subspace
+    (Ledoit-Wolf shrunk covariance) plus the residual energy over the mean residual variance."""
+
+    mu: np.ndarray
+    sd: np.ndarray
+    basis: np.ndarray  # d x k
+    precision: np.ndarray  # k x k
+    res_var: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int) -> "_Gaussian":
+        from sklearn.covariance import LedoitWolf
+
+        x = np.asarray(x, np.float64)
+        mu = x.mean(0)
+        sd = x.std(0)
+        sd = np.where(sd > 1e-6 * max(float(sd.max()), 1e-12), sd, max(float(sd.max()), 1e-6))  # dead dims
+        z = (x - mu) / sd
+        k = max(1, min(k, x.shape[1], x.shape[0] - 2))
+        _, _, vt = np.linalg.svd(z, full_matrices=False)
+        basis = vt[:k].T
+        y = z @ basis
+        precision = LedoitWolf().fit(y).precision_
+        resid = z - y @ basis.T
+        dof = x.shape[1] - k
+        res_var = float((resid ** 2).sum(1).mean() / dof) if dof > 0 else 0.0
+        return cls(mu, sd, basis, precision, max(res_var, 1e-9) if dof > 0 else 0.0)
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        """Squared distance of each row of ``x`` (N x d)."""
+        z = (np.atleast_2d(np.asarray(x, np.float64)) - self.mu) / self.sd
+        y = z @ self.basis
+        d = np.einsum("ni,ij,nj->n", y, self.precision, y)
+        if self.res_var > 0:
+            d = d + ((z - y @ self.basis.T) ** 2).sum(1) / self.res_var
+        return np.maximum(d, 1e-12)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.mu": torch.from_numpy(self.mu.copy()), f"{prefix}.sd": torch.from_numpy(self.sd.copy()),
+                f"{prefix}.basis": torch.from_numpy(np.ascontiguousarray(self.basis)),
+                f"{prefix}.precision": torch.from_numpy(np.ascontiguousarray(self.precision)),
+                f"{prefix}.res_var": torch.tensor([self.res_var], dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str) -> "_Gaussian":
+        g = {k: t[f"{prefix}.{k}"].double().numpy() for k in ("mu", "sd", "basis", "precision", "res_var")}
+        return cls(g["mu"], g["sd"], g["basis"], g["precision"], float(g["res_var"][0]))
+
+
+def _oof_distances(x: np.ndarray, k: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold squared distances of the training rows (an unbiased picture of 'typical')."""
+    n = len(x)
+    folds = max(2, min(folds, n // 10)) if n >= 20 else 2
+    perm = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n)
+    for f in range(folds):
+        held = perm[f::folds]
+        keep = np.setdiff1d(perm, held)
+        out[held] = _Gaussian.fit(x[keep], k).distance(x[held])
+    return out
+
+
+def _robust_norm(d: np.ndarray) -> tuple[float, float]:
+    ld = np.log(d)
+    med = float(np.median(ld))
+    q25, q75 = np.percentile(ld, [25, 75])
+    return med, float(max((q75 - q25) / 1.349, 1e-3))
+
+
+# --------------------------------------------------------------------------------------------
+# Gate
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GateResult:
+    """The verdict on one image.
+
+    Attributes:
+        ok: True when nothing suggests the image is not a frontal chest X-ray.
+        reasons: user-facing one-line messages (empty when ok).
+        score: the appearance/feature-space outlier score (largest robust z of the components);
+            ``ok`` needs ``score <= threshold``. NaN when no component could be scored.
+        threshold: the score threshold of this gate.
+        components: ``{component: z}`` (``thumb``, ``stats``, ``embedding``).
+        rules: which rules fired (``modality``/``body_part``/``view`` via metadata, ``colour``,
+            ``appearance``).
+    """
+
+    ok: bool
+    reasons: list[str]
+    score: float
+    threshold: float = float("nan")
+    components: dict[str, float] = field(default_factory=dict)
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GateStats:
+    """What :func:`fit_gate` measured (rates on chest films are false alarms of the score alone)."""
+
+    path: Path | None
+    n_train: int
+    n_val: int
+    threshold: float
+    target_fa: float
+    val_false_alarm: float
+    components: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Gate:
+    """A fitted gate: metadata rules + one-class components + the calibrated threshold."""
+
+    COMPONENTS = ("thumb", "stats", "embedding")
+
+    def __init__(self, models: dict[str, _Gaussian], norms: dict[str, tuple[float, float]], threshold: float,
+                 meta: dict[str, Any] | None = None, colour_limit: float = 0.1):
+        self.models = models
+        self.norms = norms
+        self.threshold = float(threshold)
+        self.meta = dict(meta or {})
+        self.colour_limit = float(colour_limit)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def component_z(self, thumbs: np.ndarray, stats: np.ndarray, embeddings: np.ndarray | None) -> dict[str, np.ndarray]:
+        """{component: robust z (N,)} for batches of features."""
+        feats = {"thumb": thumbs, "stats": stats, "embedding": embeddings}
+        out = {}
+        for name, g in self.models.items():
+            x = feats[name]
+            if x is None:
+                continue
+            med, scale = self.norms[name]
+            out[name] = (np.log(g.distance(x)) - med) / scale
+        return out
+
+    def scores(self, thumbs: np.ndarray, stats: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
+        """The combined score (N,): the largest component z."""
+        z = self.component_z(thumbs, stats, embeddings)
+        return np.max(np.stack(list(z.values())), axis=0)
+
+    def assess(self, xray: XrayImage | None, pixels: np.ndarray | None = None, embedding: np.ndarray | None = None,
+               *, colour: float | None = None) -> GateResult:
+        """Judges one image.
+
+        Args:
+            xray: the decoded file (its DICOM metadata feeds the rules); may be None.
+            pixels: the gray image in [0,1]; default ``xray.pixels``.
+            embedding: the classifier's pooled features of this image (:attr:`Analysis.embedding`);
+                without it, the embedding component is skipped.
+            colour: :func:`colour_fraction` of the original file, when available.
+        """
+        reasons = metadata_reasons(xray)
+        rules = []
+        if xray is not None:
+            if xray.modality and xray.modality.upper() not in RADIOGRAPH_MODALITIES:
+                rules.append("modality")
+            if reasons and any("body part" in r for r in reasons):
+                rules.append("body_part")
+            if any("view" in r for r in reasons):
+                rules.append("view")
+        if colour is not None and colour > self.colour_limit:
+            reasons.append(COLOUR_MSG)
+            rules.append("colour")
+        if pixels is None and xray is not None:
+            pixels = xray.pixels
+        comps: dict[str, float] = {}
+        score = float("nan")
+        if pixels is not None:
+            thumb, stats = pixel_features(pixels)
+            emb = None
+            if embedding is not None and "embedding" in self.models:
+                emb = np.asarray(embedding, np.float64).reshape(1, -1)
+                if emb.shape[1] != self.models["embedding"].mu.shape[0]:
+                    emb = None
+            z = self.component_z(thumb[None], stats[None], emb)
+            comps = {k: float(v[0]) for k, v in z.items()}
+            score = max(comps.values()) if comps else float("nan")
+            if comps and score > self.threshold:
+                rules.append("appearance")
+                if not any(r in rules for r in ("modality", "colour")):  # one message is enough
+                    reasons.append(APPEARANCE_MSG)
+        return GateResult(ok=not rules, reasons=reasons, score=score, threshold=self.threshold,
+                          components=comps, rules=rules)
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes ``gate.safetensors`` (tensors + JSON metadata; no pickle)."""
+        import safetensors.torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, g in self.models.items():
+            tensors.update(g.tensors(name))
+        header = {"version": GATE_VERSION, "threshold": self.threshold, "colour_limit": self.colour_limit,
+                  "components": list(self.models), "norms": {k: list(v) for k, v in self.norms.items()},
+                  "thumb": THUMB, "stats_side": STATS_SIDE, "stat_names": list(STAT_NAMES), **self.meta}
+        safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "gate": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Gate":
+        """Reads a ``gate.safetensors`` written by :meth:`save` (raises ValueError on a bad file)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["gate"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # noqa: BLE001 - parse failure of a foreign or corrupt file
+            raise ValueError(f"{path.name} is not a valid gate file") from None
+        if int(header.get("version", 0)) != GATE_VERSION:
+            raise ValueError(f"{path.name}: gate version {header.get('version')} is not supported")
+        if header.get("thumb") != THUMB or header.get("stat_names") != list(STAT_NAMES):
+            raise ValueError(f"{path.name}: gate features differ from this version of the code; refit it")
+        models = {name: _Gaussian.from_tensors(tensors, name) for name in header["components"]}
+        norms = {k: (float(v[0]), float(v[1])) for k, v in header["norms"].items()}
+        meta = {k: v for k, v in header.items()
+                if k not in ("version", "threshold", "colour_limit", "components", "norms", "thumb", "stats_side",
+                             "stat_names")}
+        return cls(models, norms, header["threshold"], meta, header.get("colour_limit", 0.1))
+
+    def matches(self, predictor) -> bool:
+        """Whether this gate was fitted for ``predictor``'s weights (always True without an embedding part)."""
+        want = self.meta.get("fingerprint")
+        return "embedding" not in self.models or want is None or want == model_fingerprint(predictor)
+
+
+def model_fingerprint(predictor) -> str:
+    """A short hash of the classifier head's weights (ties a gate to the checkpoint it was fitted on)."""
+    w = predictor._weight.detach().float().cpu().numpy()
+    return hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------
+
+ImageInput = "str | os.PathLike | bytes | XrayImage | np.ndarray"
+
+
+def _pixels_of(item) -> np.ndarray:
+    if isinstance(item, XrayImage):
+        return item.pixels
+    if isinstance(item, (str, os.PathLike, bytes, bytearray)):
+        return read_image(bytes(item) if isinstance(item, bytearray) else item).pixels
+    arr = np.asarray(item)
+    return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
+
+
+@torch.inference_mode()
+def _embed(predictor, batch: list[np.ndarray]) -> np.ndarray:
+    from chestxray.models import features_and_logits
+
+    x = torch.cat([predictor._input(p) for p in batch])
+    feats, _ = features_and_logits(predictor.model, x, predictor.arch)
+    return feats.float().mean(dim=(2, 3)).cpu().numpy().astype(np.float64)
+
+
+def extract_features(images: Sequence, predictor=None, batch_size: int = 16,
+                     progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+    """(thumbs N x 1024, stats N x F, embeddings N x C or None, indices of the images that were read).
+
+    Unreadable files are skipped (their index is missing from the last element).
+    """
+    thumbs, stats, embs, kept, pending = [], [], [], [], []
+
+    def flush():
+        if predictor is not None and pending:
+            embs.append(_embed(predictor, pending))
+        pending.clear()
+
+    for i, item in enumerate(images):
+        try:
+            pixels = _pixels_of(item)
+        except ImageReadError as err:
+            log.warning("skipped %s: %s", item if isinstance(item, (str, os.PathLike)) else i, err)
+            continue
+        t, s = pixel_features(pixels)
+        thumbs.append(t)
+        stats.append(s)
+        kept.append(i)
+        pending.append(np.asarray(pixels, np.float32))
+        if len(pending) >= batch_size:
+            flush()
+        if progress is not None and (i + 1) % 100 == 0:
+            progress(i + 1, len(images))
+    flush()
+    emb = np.concatenate(embs) if embs else None
+    return np.array(thumbs), np.array(stats), emb, kept
+
+
+def fit_gate(predictor, train_images: Sequence, val_images: Sequence, out_path: str | os.PathLike | None = None,
+             *, target_fa: float = 0.01, k_thumb: int = 24, k_embedding: int = 32, use_embedding: bool = True,
+             meta: dict[str, Any] | None = None, features: dict | None = None) -> tuple[Gate, GateStats]:
+    """Fits the gate on chest X-rays only and calibrates its threshold on held-out chest X-rays.
+
+    Args:
+        predictor: the :class:`~chestxray.predictor.Predictor` whose embeddings the gate models
+            (None: appearance components only).
+        train_images: frontal chest X-rays the model was trained on (paths, bytes, XrayImages or
+            arrays) - the Gaussians are fitted on them.
+        val_images: other frontal chest X-rays (not in ``train_images``, ideally patients the model
+            did not see) - the threshold is their ``1 - target_fa`` score quantile.
+        out_path: where to save ``gate.safetensors`` (None: do not save).
+        target_fa: the false-alarm rate aimed at on chest X-rays.
+        k_thumb, k_embedding: principal components kept (capped by the number of images).
+        features: precomputed ``{"train": extract_features(...), "val": ...}`` (to avoid re-reading).
+
+    Returns:
+        (gate, stats).
+    """
+    features = features or {}
+    tr = features.get("train") or extract_features(train_images, predictor if use_embedding else None)
+    va = features.get("val") or extract_features(val_images, predictor if use_embedding else None)
+    if len(tr[3]) < 10 or len(va[3]) < 5:
+        raise ValueError(f"too few readable images to fit a gate: {len(tr[3])} train, {len(va[3])} val")
+    data = {"thumb": (tr[0], va[0], k_thumb), "stats": (tr[1], va[1], len(STAT_NAMES))}
+    if use_embedding and predictor is not None and tr[2] is not None:
+        data["embedding"] = (tr[2], va[2], k_embedding)
+    models, norms = {}, {}
+    for name, (x, _, k) in data.items():
+        kk = min(k, max(2, len(x) // 5))
+        models[name] = _Gaussian.fit(x, kk)
+        norms[name] = _robust_norm(_oof_distances(x, kk))
+    gate = Gate(models, norms, threshold=np.inf)
+    val_scores = gate.scores(va[0], va[1], va[2] if "embedding" in models else None)
+    threshold = float(np.quantile(val_scores, 1.0 - target_fa, method="higher"))
+    gate.threshold = threshold
+    gate.meta = {"target_fa": target_fa, "n_train": len(tr[3]), "n_val": len(va[3]),
+                 "val_false_alarm": float((val_scores > threshold).mean()), **(meta or {})}
+    if predictor is not None:
+        gate.meta.update(model=str(predictor.name), arch=str(predictor.arch), fingerprint=model_fingerprint(predictor),
+                         embedding_dim=int(tr[2].shape[1]) if tr[2] is not None else 0)
+    path = gate.save(out_path) if out_path is not None else None
+    stats = GateStats(path, len(tr[3]), len(va[3]), threshold, target_fa, gate.meta["val_false_alarm"],
+                      list(models), dict(gate.meta))
+    return gate, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation sets and the CLI
+# --------------------------------------------------------------------------------------------
+
+#: Real non-chest files in the shared data (file name -> what it is).
+NON_CHEST_FILES = {
+    "ood/photo_china.jpg": "photo", "ood/photo_flower.jpg": "photo", "ood/photo_grace_hopper.jpg": "photo",
+    "ood/ct_abdomen_kcr2019.png": "CT (png)", "ood/mri_brain_matplotlib_s1045.png": "MR (png)",
+    "ood/mri_pydicom_MR2.png": "MR (png)", "dicom/kcr2019_anon_apct_abdomen_CT.dcm": "CT (dicom)",
+    "dicom/pydicom_MR2_UNCR_mr.dcm": "MR (dicom)", "dicom/pydicom_US1_UNCR_us.dcm": "ultrasound (dicom)",
+    "dicom/pydicom_RG3_UNCR_tibia_CR.dcm": "tibia radiograph (dicom)",
+}
+#: Real chest X-rays outside the training sources' folders (uploads as a user would make them).
+EXTRA_CHEST_FILES = ("dicom/pydicom_RG1_UNCR_chest_CR.dcm", "dicom/pydicom_RG1_J2KI_chest_CR_jpeg2000.dcm",
+                     "misc/16747_3_1.jpg", "misc/covid-19-pneumonia-58-prior.jpg", "misc/h0001.png",
+                     "misc/tb0005.png", "misc/tb0007.png")
+
+
+def chest_manifest(model_dir: str | os.PathLike, data_root: str | os.PathLike,
+                   extra_sources: Sequence[str] = ("tbx11k",), seed: int = 0):
+    """Chest X-ray manifest with a ``split`` column: the run's ``manifest.csv`` when the model folder's
+    parent holds one (the model's own split), else a patient split of the shared sources; sources
+    in ``extra_sources`` that the run did not use get their own patient split."""
+    import pandas as pd
+
+    from chestxray.data import SOURCES, load_sources, patient_split
+    from chestxray.labels import get_label_set
+
+    labels = get_label_set("nih14")
+    run_manifest = Path(model_dir).resolve().parent / "manifest.csv"
+    if run_manifest.is_file():
+        df = pd.read_csv(run_manifest, usecols=["path", "patient", "source", "split"])
+        df["from"] = "run manifest"
+    else:
+        names = [s for s in SOURCES if s != "nih_full_res"]
+        df = load_sources(names, data_root, labels, missing="drop")
+        df["split"] = patient_split(df, seed=seed, stratify_by=[])
+        df = df[["path", "patient", "source", "split"]].assign(**{"from": "patient split"})
+    extra = [s for s in extra_sources if s not in set(df["source"])]
+    if extra:
+        ex = load_sources(extra, data_root, labels, missing="drop")
+        ex["split"] = patient_split(ex, seed=seed, stratify_by=[])
+        df = pd.concat([df, ex[["path", "patient", "source", "split"]].assign(**{"from": "gate split"})],
+                       ignore_index=True)
+    return df
+
+
+def _sample(df, n: int, seed: int):
+    return df if len(df) <= n else df.sample(n=n, random_state=seed)
+
+
+def evaluate(gate: Gate, predictor, groups: dict[str, Sequence], chest: set[str] | None = None) -> list[dict]:
+    """Flag rates per group: ``{group: [paths]}`` -> rows with n, flagged, rate and per-rule counts.
+
+    Groups named in ``chest`` count flags as false alarms, the others as catches. Metadata and
+    colour rules apply (the files are read as a user would upload them).
+    """
+    rows = []
+    for name, paths in groups.items():
+        flagged, n, by_rule, files = 0, 0, {}, []
+        for p in paths:
+            try:
+                x = read_image(p)
+            except ImageReadError:
+                continue
+            emb = _embed(predictor, [x.pixels])[0] if predictor is not None and "embedding" in gate.models else None
+            r = gate.assess(x, x.pixels, emb, colour=colour_fraction(p))
+            n += 1
+            flagged += not r.ok
+            for rule in r.rules:
+                by_rule[rule] = by_rule.get(rule, 0) + 1
+            files.append((Path(p).name, r.ok, round(r.score, 2), r.rules))
+        rows.append({"group": name, "kind": "chest" if chest and name in chest else "non-chest", "n": n,
+                     "flagged": flagged, "rate": flagged / n if n else float("nan"), "rules": by_rule,
+                     "files": files})
+    return rows
+
+
+def format_rows(rows: list[dict], show_files: bool = False) -> str:
+    """A plain-text table of :func:`evaluate` rows."""
+    lines = [f"{'group':34s} {'kind':9s} {'n':>5s} {'flagged':>7s} {'rate':>7s}  metric          by rule"]
+    for r in rows:
+        metric = "false alarm" if r["kind"] == "chest" else "catch"
+        lines.append(f"{r['group']:34s} {r['kind']:9s} {r['n']:5d} {r['flagged']:7d} {r['rate']:7.1%}  "
+                     f"{metric:15s} {r['rules']}")
+        if show_files:
+            lines += [f"    {f:40s} ok={ok!s:5s} score={s:6.2f} {rules}" for f, ok, s, rules in r["files"]]
+    return "\n".join(lines)
+
+
+def fit_from_folder(model_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike | None,
+                    *, max_train_per_source: int = 600, max_eval_per_source: int = 300, target_fa: float = 0.01,
+                    seed: int = 0, report: bool = True, extra_sources: Sequence[str] = ("tbx11k",),
+                    use_embedding: bool = True, print_fn: Callable[[str], None] = print) -> tuple[Gate, GateStats, list]:
+    """Fits a gate for a checkpoint folder from the shared data and reports its rates.
+
+    Gaussians: the train split (at most ``max_train_per_source`` per source); threshold: the val
+    split; report: the test split per source, the extra real chest files and the real non-chest
+    files (never used in fitting or calibration).
+    """
+    from chestxray.checkpoint import load_folder
+    from chestxray.predictor import Predictor
+
+    root = Path(data_root)
+    predictor = Predictor(load_folder(model_dir), device="cpu")
+    df = chest_manifest(model_dir, root, extra_sources=extra_sources, seed=seed)
+    parts = {}
+    for split, cap in (("train", max_train_per_source), ("val", max_eval_per_source), ("test", max_eval_per_source)):
+        sub = df[df["split"] == split]
+        parts[split] = {s: list(_sample(g, cap, seed)["path"]) for s, g in sub.groupby("source")}
+    train = [p for ps in parts["train"].values() for p in ps]
+    val = [p for ps in parts["val"].values() for p in ps]
+    t0 = time.perf_counter()
+    print_fn(f"fitting on {len(train)} train / calibrating on {len(val)} val chest X-rays "
+             f"({df['from'].iloc[0]}); model {predictor.name} ({predictor.arch})")
+    gate, stats = fit_gate(predictor, train, val, out, target_fa=target_fa, use_embedding=use_embedding,
+                           meta={"sources": sorted(parts["train"]), "split_from": str(df['from'].iloc[0])})
+    print_fn(f"threshold {stats.threshold:.3f} (val false alarm {stats.val_false_alarm:.1%}); "
+             f"{time.perf_counter() - t0:.0f} s; saved to {stats.path}")
+    rows = []
+    if report:
+        groups = {f"val chest {s}": ps for s, ps in parts["val"].items()}
+        groups.update({f"test chest {s}": ps for s, ps in parts["test"].items()})
+        groups["extra chest files (misc, dicom)"] = [str(root / f) for f in EXTRA_CHEST_FILES if (root / f).is_file()]
+        chest = set(groups)
+        groups["non-chest files (ood, dicom)"] = [str(root / f) for f in NON_CHEST_FILES if (root / f).is_file()]
+        rows = evaluate(gate, predictor, groups, chest)
+        print_fn(format_rows(rows, show_files=False))
+        print_fn(format_rows([r for r in rows if r["kind"] == "non-chest" or "extra" in r["group"]], show_files=True))
+    return gate, stats, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chestxray.gate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="fit the input gate of a checkpoint folder and report its rates")
+    f.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    f.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    f.add_argument("--out", default=None, help=f"output file (default: <model>/{GATE_FILE})")
+    f.add_argument("--target-fa", type=float, default=0.01, help="false-alarm rate aimed at on val chest X-rays")
+    f.add_argument("--max-train-per-source", type=int, default=600)
+    f.add_argument("--max-eval-per-source", type=int, default=300)
+    f.add_argument("--no-embedding", action="store_true", help="appearance components only")
+    f.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    f.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    torch.set_num_threads(max(1, args.threads))
+    out = args.out or str(Path(args.model) / GATE_FILE)
+    fit_from_folder(args.model, args.data_root, out, max_train_per_source=args.max_train_per_source,
+                    max_eval_per_source=args.max_eval_per_source, target_fa=args.target_fa, seed=args.seed,
+                    use_embedding=not args.no_embedding)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
