@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Load test: many concurrent gradio_client clients send real X-rays to the running app.
+
+Starts ``app.py`` in its own process on 127.0.0.1 (loopback only), fires ``--requests`` predict calls
+from ``--clients`` concurrent clients, and reports: answered / politely refused ("Queue is full") /
+lost or failed, latency p50/p95, and the server's resident memory after the first ``--warmup``
+requests and at the end (Grad-CAM hook or cache leaks show up as growth).
+
+    python benchmarks/bench_load.py [--clients 16] [--requests 400] [--queue 32]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CHESTXRAY_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_IMAGES = [DATA / "nih/images_384/00000100_000.png", DATA / "nih/full_res/00000075_000.png",
+                  DATA / "dicom/pydicom_RG1_UNCR_chest_CR.dcm"]
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """The app in a child process."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process, in MiB."""
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_app(env: dict[str, str] | None = None, timeout: float = 180.0, log_dir: Path | None = None) -> Server:
+    """Starts ``python app.py`` on a free loopback port and waits until it answers."""
+    import urllib.request
+
+    port = free_port()
+    log = Path(log_dir or "/tmp") / f"app_{port}.log"
+    full_env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                **(env or {})}
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=full_env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return Server(proc, url, log)
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"app did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class LoadResult:
+    """Outcome of a burst of requests."""
+
+    outcomes: Counter = field(default_factory=Counter)  # ok / refused / error
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.outcomes.values())
+
+
+def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: list[Path] | None = None,
+         timeout: float = 300.0) -> LoadResult:
+    """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each)."""
+    from gradio_client import Client, handle_file
+
+    images = images or DEFAULT_IMAGES
+    result, lock = LoadResult(), threading.Lock()
+    counter = itertools.count()
+
+    def worker(_: int) -> None:
+        client = Client(url, verbose=False, analytics_enabled=False)
+        while (i := next(counter)) < n_requests:
+            t = time.perf_counter()
+            try:
+                job = client.submit(handle_file(str(images[i % len(images)])), model, api_name="/predict")
+                job.result(timeout=timeout)
+                outcome, msg = "ok", None
+            except Exception as err:  # noqa: BLE001 - every failure is classified and counted
+                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                outcome = "refused" if "queue is full" in msg.lower() else "error"
+            with lock:
+                result.outcomes[outcome] += 1
+                if outcome == "ok":
+                    result.latencies.append(time.perf_counter() - t)
+                elif msg:
+                    result.errors.append(msg)
+
+    with ThreadPoolExecutor(n_clients) as pool:
+        list(pool.map(worker, range(n_clients)))
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--queue", type=int, default=32, help="the app's queue max_size")
+    ap.add_argument("--model", default=None, help="model name (default: the app's default)")
+    args = ap.parse_args()
+    server = start_app({"CHESTXRAY_QUEUE": str(args.queue)})
+    try:
+        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model)
+        rss_warm = server.rss_mb()
+        t0 = time.perf_counter()
+        res = fire(server.url, args.requests - args.warmup, args.clients, args.model)
+        wall = time.perf_counter() - t0
+        rss_end = server.rss_mb()
+    finally:
+        server.stop()
+    lat = sorted(res.latencies)
+    print(f"{args.clients} clients, {args.requests} requests ({args.warmup} warm-up), queue max_size {args.queue}\n")
+    print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
+          f"RSS after {args.warmup} MiB | RSS after {args.requests} MiB | growth MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    sent = args.requests - args.warmup
+    lost = sent - res.total
+    p50 = statistics.median(lat) if lat else float("nan")
+    p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
+    print(f"| {res.outcomes['ok'] + warm.outcomes['ok']} | {res.outcomes['refused']} | {res.outcomes['error']} | "
+          f"{lost} | {p50:.2f} | {p95:.2f} | {res.outcomes['ok'] / wall:.2f} | {rss_warm:.0f} | {rss_end:.0f} | "
+          f"{rss_end - rss_warm:+.0f} |")
+    for msg, n in Counter(res.errors).most_common(5):
+        print(f"- {n} x {msg}")
+    return 0 if res.outcomes["error"] == 0 and lost == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
