@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+# Torch threads for training: on a shared 2-core machine one thread per process is steadier
+# (two threads collapse when another process takes a core); set TRAIN_THREADS=2 on an idle machine.
+export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}}
 ARCHS=("$@")
 [ ${#ARCHS[@]} -gt 0 ] || ARCHS=(resnet18 efficientnet_b0 mobilenetv2_100 efficientnet_b2 swin_tiny_patch4_window7_224)
 for arch in "${ARCHS[@]}"; do
