@@ -64,11 +64,15 @@ def select_split(df: pd.DataFrame, splits_csv: str | os.PathLike, split: str) ->
 
 
 def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.PathLike, *, n_boot: int = 1000,
-                      seed: int = 0, progress: bool = True, title: str | None = None) -> dict[str, Any]:
+                      seed: int = 0, progress: bool = True, title: str | None = None,
+                      probs: np.ndarray | None = None) -> dict[str, Any]:
     """Evaluates a manifest (see :mod:`chestxray.data`) and writes metrics.json, plots and predictions.
 
-    Labels of the model that the manifest lacks are reported as undefined; labels of the manifest
-    that the model lacks are listed under ``labels_not_in_model``.
+    Labels of the model that the manifest lacks are reported as undefined (no known targets).
+
+    Args:
+        probs: this predictor's probabilities for ``df``'s rows, when already computed
+            (:func:`predict_paths`; NaN rows = unreadable).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +80,10 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     for k in labels:
         if k not in df.columns:
             df = df.assign(**{k: np.nan})
-    probs, errors = predict_paths(predictor, list(df["path"]), progress=progress)
+    if probs is None:
+        probs, errors = predict_paths(predictor, list(df["path"]), progress=progress)
+    else:
+        errors = {p: "unreadable" for p, bad in zip(df["path"], np.isnan(probs).any(axis=1)) if bad}
     ok = ~np.isnan(probs).any(axis=1)
     Y = df[labels].to_numpy(np.float64)[ok]
     P = probs[ok].astype(np.float64)

@@ -16,10 +16,17 @@ Three kinds of evidence, cheapest first:
 3. **Feature space** (one-class, per model): the Mahalanobis distance of the classifier's pooled
    embedding to the Gaussian of the training chest X-rays' embeddings (PCA + Ledoit-Wolf).
 
-Each one-class component gives a squared distance ``d``; ``z = (log d - median) / scale`` is
-normalised by out-of-fold distances of the training films, and the gate's score is the largest
-``z``. The threshold is the ``1 - target_fa`` quantile of the scores of *validation* chest films
-(never of non-chest images, so the few real non-chest files we have stay an honest test set).
+The one-class components are fitted on the training films plus one augmented copy of each
+(other exposure, window, processing and collimation: see :func:`augment_chest`). Each gives a
+squared distance ``d``; ``z = (log d - median) / scale`` is normalised by out-of-fold distances of
+the training films, and the gate's score is the largest ``z``. The threshold is the
+``1 - target_fa`` quantile of the scores of *validation* chest films (never of non-chest images,
+so the few real non-chest files we have stay an honest test set). An aspect ratio beyond
+:data:`MAX_ASPECT` is a rule of its own. The rules that need no fitting (metadata, colour, shape)
+also apply to checkpoints without a gate file (:func:`assess_without_gate`).
+
+No lateral chest films are in the shared data, so lateral views are caught by DICOM metadata
+only; whether the appearance score flags a lateral PNG is untested.
 
 Everything is saved in ``gate.safetensors`` beside the checkpoint: arrays as tensors, settings as
 JSON in the safetensors metadata (no pickle). The gate is tied to the checkpoint's classifier
@@ -33,6 +40,7 @@ CLI (run once per shipped model at release time)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -55,6 +63,7 @@ log = logging.getLogger(__name__)
 
 GATE_FILE = "gate.safetensors"
 GATE_VERSION = 1
+MAX_ASPECT = 2.0  # height/width (or width/height) beyond which an image is no chest film
 THUMB = 32  # eigen-chest thumbnail side
 STATS_SIDE = 64  # side of the squash-resized image the gray statistics are computed on
 
@@ -83,7 +92,7 @@ COLOUR_MSG = f"This is a colour picture, not an X-ray; {NOT_MEANINGFUL}."
 # --------------------------------------------------------------------------------------------
 
 STAT_NAMES = (
-    "log_aspect", "mean", "std", "skew", "frac_dark", "frac_bright", "entropy", "gradient",
+    "mean", "std", "skew", "frac_dark", "frac_bright", "entropy", "gradient",
     "lr_symmetry", "ud_symmetry", "border_minus_centre", "mediastinum_contrast", "bottom_minus_top",
     "high_freq", "gray_levels",
 )
@@ -99,15 +108,17 @@ def pixel_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(thumbnail, statistics) of a gray image in [0,1]: both float64, resolution-independent.
 
     The thumbnail is the 32x32 squash resize, normalised to zero mean and unit variance (so that
-    exposure and contrast do not matter); the statistics are listed in :data:`STAT_NAMES`.
+    exposure and contrast do not matter); the statistics are listed in :data:`STAT_NAMES`. The
+    aspect ratio is not among them (the training films are nearly all square, an artefact of the
+    datasets): :data:`MAX_ASPECT` is a rule instead.
     """
     arr = np.asarray(pixels)
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
-    h, w = arr.shape
     t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
-    s = resize_gray(t, (STATS_SIDE, STATS_SIDE))[0, 0].double().numpy()
-    thumb = resize_gray(t, (THUMB, THUMB))[0, 0].double().numpy().ravel()
+    t128 = resize_gray(t, (128, 128))[0, 0]  # one resize of the (maybe large) film, the rest from it
+    s = resize_gray(t128, (STATS_SIDE, STATS_SIDE))[0, 0].double().numpy()
+    thumb = resize_gray(t128, (THUMB, THUMB))[0, 0].double().numpy().ravel()
     thumb = (thumb - thumb.mean()) / (thumb.std() + 1e-3)
 
     mean, std = float(s.mean()), float(s.std())
@@ -123,11 +134,11 @@ def pixel_features(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre = s[n // 4: 3 * n // 4, n // 4: 3 * n // 4]
     rows = s[n // 4: 3 * n // 4]  # the lung fields' rows of a frontal film
     mid = rows[:, 13 * n // 32: 19 * n // 32].mean()
-    lungs = np.concatenate([rows[:, 5 * n // 32: 11 * n // 32].ravel(), rows[:, 21 * n // 32: 27 * n // 32].ravel()]).mean()
-    q = resize_gray(t, (128, 128))[0, 0].mul(255).round().to(torch.uint8).numpy()
+    lungs = 0.5 * (rows[:, 5 * n // 32: 11 * n // 32].mean() + rows[:, 21 * n // 32: 27 * n // 32].mean())
+    q = t128.mul(255).round().to(torch.uint8).numpy()
     levels = int((np.bincount(q.ravel(), minlength=256) > 0).sum())
     stats = np.array([
-        np.log(h / w), mean, std, np.clip(skew, -10, 10), float((s < 0.04).mean()), float((s > 0.96).mean()),
+        mean, std, np.clip(skew, -10, 10), float((s < 0.04).mean()), float((s > 0.96).mean()),
         entropy, grad, _corr(s, s[:, ::-1]), _corr(s, s[::-1]), float(border.mean() - centre.mean()),
         float(mid - lungs), float(s[n // 2:].mean() - s[: n // 2].mean()), float(lap / (std + 1e-3)),
         np.log(levels),
@@ -166,32 +177,56 @@ def colour_fraction(source: str | os.PathLike | bytes | None, chroma: float = 0.
 # Metadata rules
 # --------------------------------------------------------------------------------------------
 
-def metadata_reasons(xray: XrayImage | None) -> list[str]:
-    """User-facing one-line reasons from the file's DICOM metadata (empty when all is plausible)."""
+def metadata_rules(xray: XrayImage | None) -> list[tuple[str, str]]:
+    """``[(rule, user-facing one-line message)]`` from the file's DICOM metadata (empty when plausible).
+
+    Rules: ``modality`` (not a projection radiograph), ``body_part`` (not the chest), ``view``
+    (lateral or oblique). Values are the reader's sanitised codes (A-Z, 0-9, at most 16 characters).
+    """
     if xray is None:
         return []
-    reasons = []
+    out = []
     modality = (xray.modality or "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         what = _MODALITY_NAMES.get(modality, f"not a radiograph (DICOM modality {modality})")
-        reasons.append(f"The file says this is {what}, not a chest X-ray; this model reads frontal chest "
-                       f"X-rays only, so {NOT_MEANINGFUL}.")
+        out.append(("modality", f"The file says this is {what}, not a chest X-ray; this model reads frontal "
+                                f"chest X-rays only, so {NOT_MEANINGFUL}."))
     part = (xray.body_part or "").upper()
     if part and not any(c in part for c in CHEST_PARTS):
-        reasons.append(f"The file says the body part is {part.lower()}, not the chest; {NOT_MEANINGFUL}.")
+        out.append(("body_part", f"The file says the body part is {part.lower()}, not the chest; {NOT_MEANINGFUL}."))
     view = (xray.view or "").upper().strip()
-    if view in LATERAL_VIEWS or view.startswith("LAT"):
-        reasons.append(f"The file says this is a lateral view; this model was trained on frontal (PA/AP) chest "
-                       f"X-rays only, so {NOT_MEANINGFUL}.")
-    elif view in OBLIQUE_VIEWS:
-        reasons.append(f"The file says this is an oblique view; this model was trained on frontal (PA/AP) chest "
-                       f"X-rays only, so {NOT_MEANINGFUL}.")
-    return reasons
+    kind = "lateral" if view in LATERAL_VIEWS or view.startswith("LAT") else "oblique" if view in OBLIQUE_VIEWS else ""
+    if kind:
+        out.append(("view", f"The file says this is a {kind} view; this model was trained on frontal (PA/AP) "
+                            f"chest X-rays only, so {NOT_MEANINGFUL}."))
+    return out
+
+
+def metadata_reasons(xray: XrayImage | None) -> list[str]:
+    """The messages of :func:`metadata_rules`."""
+    return [msg for _, msg in metadata_rules(xray)]
 
 
 # --------------------------------------------------------------------------------------------
 # One-class Gaussian components
 # --------------------------------------------------------------------------------------------
+
+def ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf shrunk covariance of the rows of ``x`` (as scikit-learn's ``LedoitWolf``)."""
+    x = x - x.mean(0)
+    n, p = x.shape
+    cov = x.T @ x / n
+    x2 = x ** 2
+    trace = x2.sum(0) / n
+    mu = trace.sum() / p
+    delta_ = (cov ** 2).sum()
+    beta_ = (x2.T @ x2).sum() / n
+    beta = (beta_ - delta_) / (p * n)
+    delta = (delta_ - 2 * mu * trace.sum() + p * mu ** 2) / p
+    beta = min(beta, delta)
+    shrink = 0.0 if beta == 0 else beta / delta
+    return (1 - shrink) * cov + shrink * mu * np.eye(p)
+
 
 @dataclass
 class _Gaussian:
@@ -206,8 +241,6 @@ class _Gaussian:
 
     @classmethod
     def fit(cls, x: np.ndarray, k: int) -> "_Gaussian":
-        from sklearn.covariance import LedoitWolf
-
         x = np.asarray(x, np.float64)
         mu = x.mean(0)
         sd = x.std(0)
@@ -217,7 +250,7 @@ class _Gaussian:
         _, _, vt = np.linalg.svd(z, full_matrices=False)
         basis = vt[:k].T
         y = z @ basis
-        precision = LedoitWolf().fit(y).precision_
+        precision = np.linalg.pinv(ledoit_wolf(y), hermitian=True)
         resid = z - y @ basis.T
         dof = x.shape[1] - k
         res_var = float((resid ** 2).sum(1).mean() / dof) if dof > 0 else 0.0
@@ -244,16 +277,20 @@ class _Gaussian:
         return cls(g["mu"], g["sd"], g["basis"], g["precision"], float(g["res_var"][0]))
 
 
-def _oof_distances(x: np.ndarray, k: int, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-fold squared distances of the training rows (an unbiased picture of 'typical')."""
+def _oof_distances(x: np.ndarray, k: int, groups: np.ndarray | None = None, folds: int = 5,
+                   seed: int = 0) -> np.ndarray:
+    """Out-of-fold squared distances of the training rows (an unbiased picture of 'typical');
+    rows of one group (an image and its augmented copies) share a fold."""
     n = len(x)
-    folds = max(2, min(folds, n // 10)) if n >= 20 else 2
-    perm = np.random.default_rng(seed).permutation(n)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq = np.unique(groups)
+    folds = max(2, min(folds, len(uniq) // 10))
+    fold_of = dict(zip(np.random.default_rng(seed).permutation(uniq).tolist(), np.arange(len(uniq)) % folds))
+    fold = np.array([fold_of[g] for g in groups.tolist()])
     out = np.empty(n)
     for f in range(folds):
-        held = perm[f::folds]
-        keep = np.setdiff1d(perm, held)
-        out[held] = _Gaussian.fit(x[keep], k).distance(x[held])
+        held = fold == f
+        out[held] = _Gaussian.fit(x[~held], k).distance(x[held])
     return out
 
 
@@ -280,7 +317,7 @@ class GateResult:
         threshold: the score threshold of this gate.
         components: ``{component: z}`` (``thumb``, ``stats``, ``embedding``).
         rules: which rules fired (``modality``/``body_part``/``view`` via metadata, ``colour``,
-            ``appearance``).
+            ``shape`` (aspect ratio beyond :data:`MAX_ASPECT`), ``appearance`` (score)).
     """
 
     ok: bool
@@ -319,7 +356,8 @@ class Gate:
         self.colour_limit = float(colour_limit)
 
     # ---- scoring -----------------------------------------------------------------------------
-    def component_z(self, thumbs: np.ndarray, stats: np.ndarray, embeddings: np.ndarray | None) -> dict[str, np.ndarray]:
+    def component_z(self, thumbs: np.ndarray, stats: np.ndarray,
+                    embeddings: np.ndarray | None) -> dict[str, np.ndarray]:
         """{component: robust z (N,)} for batches of features."""
         feats = {"thumb": thumbs, "stats": stats, "embedding": embeddings}
         out = {}
@@ -347,18 +385,8 @@ class Gate:
                 without it, the embedding component is skipped.
             colour: :func:`colour_fraction` of the original file, when available.
         """
-        reasons = metadata_reasons(xray)
-        rules = []
-        if xray is not None:
-            if xray.modality and xray.modality.upper() not in RADIOGRAPH_MODALITIES:
-                rules.append("modality")
-            if reasons and any("body part" in r for r in reasons):
-                rules.append("body_part")
-            if any("view" in r for r in reasons):
-                rules.append("view")
-        if colour is not None and colour > self.colour_limit:
-            reasons.append(COLOUR_MSG)
-            rules.append("colour")
+        base = assess_without_gate(xray, pixels, colour=colour, colour_limit=self.colour_limit)
+        rules, reasons = base.rules, base.reasons
         if pixels is None and xray is not None:
             pixels = xray.pixels
         comps: dict[str, float] = {}
@@ -370,13 +398,12 @@ class Gate:
                 emb = np.asarray(embedding, np.float64).reshape(1, -1)
                 if emb.shape[1] != self.models["embedding"].mu.shape[0]:
                     emb = None
-            z = self.component_z(thumb[None], stats[None], emb)
-            comps = {k: float(v[0]) for k, v in z.items()}
+            comps = {k: float(v[0]) for k, v in self.component_z(thumb[None], stats[None], emb).items()}
             score = max(comps.values()) if comps else float("nan")
             if comps and score > self.threshold:
                 rules.append("appearance")
-                if not any(r in rules for r in ("modality", "colour")):  # one message is enough
-                    reasons.append(APPEARANCE_MSG)
+                if APPEARANCE_MSG not in reasons and not any(r in rules for r in ("modality", "colour")):
+                    reasons.append(APPEARANCE_MSG)  # one message is enough
         return GateResult(ok=not rules, reasons=reasons, score=score, threshold=self.threshold,
                           components=comps, rules=rules)
 
@@ -425,9 +452,30 @@ class Gate:
         return "embedding" not in self.models or want is None or want == model_fingerprint(predictor)
 
 
+def assess_without_gate(xray: XrayImage | None, pixels: np.ndarray | None = None, *,
+                        colour: float | None = None, colour_limit: float = 0.1) -> GateResult:
+    """The rules that need no fitting (metadata, colour, shape) for checkpoints without a gate file."""
+    fired = metadata_rules(xray)
+    rules, reasons = [r for r, _ in fired], [m for _, m in fired]
+    if colour is not None and colour > colour_limit:
+        rules.append("colour")
+        reasons.append(COLOUR_MSG)
+    if pixels is None and xray is not None:
+        pixels = xray.pixels
+    if pixels is not None:
+        h, w = np.shape(pixels)
+        if max(h / w, w / h) > MAX_ASPECT:
+            rules.append("shape")
+            if not any(r in rules for r in ("modality", "colour")):
+                reasons.append(APPEARANCE_MSG)
+    return GateResult(ok=not rules, reasons=reasons, score=float("nan"), rules=rules)
+
+
 def model_fingerprint(predictor) -> str:
-    """A short hash of the classifier head's weights (ties a gate to the checkpoint it was fitted on)."""
-    w = predictor._weight.detach().float().cpu().numpy()
+    """A short hash of the classifier head's weights (ties a gate to the checkpoint it was fitted on).
+
+    Hashed at float16 precision, so a half-precision release of the same weights keeps it."""
+    w = predictor._weight.detach().half().cpu().numpy()
     return hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16]
 
 
@@ -436,6 +484,26 @@ def model_fingerprint(predictor) -> str:
 # --------------------------------------------------------------------------------------------
 
 ImageInput = "str | os.PathLike | bytes | XrayImage | np.ndarray"
+
+
+def augment_chest(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A plausible variant of a chest film: another exposure/window (gamma, black and white points,
+    sometimes histogram equalisation) and another collimation (margins cropped). Fitting on these
+    teaches the one-class components that such variation is normal, so washed-out, heavily
+    processed or tightly cropped films do not raise alarms."""
+    x = np.asarray(pixels, np.float32)
+    h, w = x.shape
+    top, bottom, left, right = (rng.uniform(0, 0.08, 4) * [h, h, w, w]).astype(int)
+    x = x[top: h - bottom or None, left: w - right or None]
+    lo, hi = rng.uniform(0.0, 0.12), rng.uniform(0.85, 1.0)
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0) if rng.random() < 0.5 else x
+    if rng.random() < 0.3:  # strong processing (as in many exported films): partial equalisation
+        hist = np.histogram(x, bins=256, range=(0.0, 1.0))[0].cumsum()
+        eq = (hist / hist[-1]).astype(np.float32)[np.minimum((x * 256).astype(np.int32), 255)]
+        a = np.float32(rng.uniform(0.3, 1.0))
+        x = (1 - a) * x + a * eq
+    x = np.power(x, np.float32(np.exp(rng.uniform(-0.6, 0.6))))
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _pixels_of(item) -> np.ndarray:
@@ -456,14 +524,26 @@ def _embed(predictor, batch: list[np.ndarray]) -> np.ndarray:
     return feats.float().mean(dim=(2, 3)).cpu().numpy().astype(np.float64)
 
 
-def extract_features(images: Sequence, predictor=None, batch_size: int = 16,
-                     progress: Callable[[int, int], None] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
-    """(thumbs N x 1024, stats N x F, embeddings N x C or None, indices of the images that were read).
+@dataclass
+class Features:
+    """Gate features of a set of images (rows aligned)."""
 
-    Unreadable files are skipped (their index is missing from the last element).
-    """
-    thumbs, stats, embs, kept, pending = [], [], [], [], []
+    thumbs: np.ndarray  # N x THUMB*THUMB
+    stats: np.ndarray  # N x len(STAT_NAMES)
+    embeddings: np.ndarray | None  # N x C (None without a predictor)
+    kept: list[int]  # index into the input list of each row's image
+    augmented: np.ndarray  # N bool: row is an augmented copy
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+def extract_features(images: Sequence, predictor=None, batch_size: int = 16, augment: int = 0, seed: int = 0,
+                     progress: Callable[[int, int], None] | None = None) -> Features:
+    """Reads the images once and computes their gate features (plus ``augment`` augmented copies
+    of each, see :func:`augment_chest`). Unreadable files are skipped with a logged warning."""
+    rng = np.random.default_rng(seed)
+    thumbs, stats, embs, kept, aug, pending = [], [], [], [], [], []
 
     def flush():
         if predictor is not None and pending:
@@ -472,69 +552,85 @@ def extract_features(images: Sequence, predictor=None, batch_size: int = 16,
 
     for i, item in enumerate(images):
         try:
-            pixels = _pixels_of(item)
+            pixels = np.asarray(_pixels_of(item), np.float32)
         except ImageReadError as err:
             log.warning("skipped %s: %s", item if isinstance(item, (str, os.PathLike)) else i, err)
             continue
-        t, s = pixel_features(pixels)
-        thumbs.append(t)
-        stats.append(s)
-        kept.append(i)
-        pending.append(np.asarray(pixels, np.float32))
-        if len(pending) >= batch_size:
-            flush()
+        for copy in range(1 + augment):
+            x = pixels if copy == 0 else augment_chest(pixels, rng)
+            t, s = pixel_features(x)
+            thumbs.append(t)
+            stats.append(s)
+            kept.append(i)
+            aug.append(copy > 0)
+            pending.append(x)
+            if len(pending) >= batch_size:
+                flush()
         if progress is not None and (i + 1) % 100 == 0:
             progress(i + 1, len(images))
     flush()
     emb = np.concatenate(embs) if embs else None
-    return np.array(thumbs), np.array(stats), emb, kept
+    return Features(np.array(thumbs).reshape(len(kept), -1), np.array(stats).reshape(len(kept), -1), emb, kept,
+                    np.array(aug, dtype=bool))
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def fit_gate(predictor, train_images: Sequence, val_images: Sequence, out_path: str | os.PathLike | None = None,
-             *, target_fa: float = 0.01, k_thumb: int = 24, k_embedding: int = 32, use_embedding: bool = True,
-             meta: dict[str, Any] | None = None, features: dict | None = None) -> tuple[Gate, GateStats]:
+             *, target_fa: float = 0.01, k_thumb: int = 24, k_embedding: int = 32, augment: int = 1,
+             use_embedding: bool = True, seed: int = 0, meta: dict[str, Any] | None = None,
+             train_features: Features | None = None, val_features: Features | None = None) -> tuple[Gate, GateStats]:
     """Fits the gate on chest X-rays only and calibrates its threshold on held-out chest X-rays.
 
     Args:
         predictor: the :class:`~chestxray.predictor.Predictor` whose embeddings the gate models
             (None: appearance components only).
         train_images: frontal chest X-rays the model was trained on (paths, bytes, XrayImages or
-            arrays) - the Gaussians are fitted on them.
+            arrays): the Gaussians are fitted on them (and on ``augment`` augmented copies of each).
         val_images: other frontal chest X-rays (not in ``train_images``, ideally patients the model
-            did not see) - the threshold is their ``1 - target_fa`` score quantile.
+            did not see): the threshold is the ``1 - target_fa`` quantile of their scores.
         out_path: where to save ``gate.safetensors`` (None: do not save).
         target_fa: the false-alarm rate aimed at on chest X-rays.
         k_thumb, k_embedding: principal components kept (capped by the number of images).
-        features: precomputed ``{"train": extract_features(...), "val": ...}`` (to avoid re-reading).
+        train_features, val_features: precomputed :func:`extract_features` results (skip reading).
 
     Returns:
         (gate, stats).
     """
-    features = features or {}
-    tr = features.get("train") or extract_features(train_images, predictor if use_embedding else None)
-    va = features.get("val") or extract_features(val_images, predictor if use_embedding else None)
-    if len(tr[3]) < 10 or len(va[3]) < 5:
-        raise ValueError(f"too few readable images to fit a gate: {len(tr[3])} train, {len(va[3])} val")
-    data = {"thumb": (tr[0], va[0], k_thumb), "stats": (tr[1], va[1], len(STAT_NAMES))}
-    if use_embedding and predictor is not None and tr[2] is not None:
-        data["embedding"] = (tr[2], va[2], k_embedding)
+    emb_pred = predictor if use_embedding else None
+    tr = train_features or extract_features(train_images, emb_pred, augment=augment, seed=seed)
+    va = val_features or extract_features(val_images, emb_pred)
+    n_tr, n_va = int((~tr.augmented).sum()), int((~va.augmented).sum())
+    if n_tr < 10 or n_va < 5:
+        raise ValueError(f"too few readable images to fit a gate: {n_tr} train, {n_va} val")
+    data = {"thumb": (tr.thumbs, va.thumbs, k_thumb), "stats": (tr.stats, va.stats, len(STAT_NAMES))}
+    if use_embedding and predictor is not None and tr.embeddings is not None:
+        data["embedding"] = (tr.embeddings, va.embeddings, k_embedding)
+    groups = np.asarray(tr.kept)
     models, norms = {}, {}
-    for name, (x, _, k) in data.items():
-        kk = min(k, max(2, len(x) // 5))
-        models[name] = _Gaussian.fit(x, kk)
-        norms[name] = _robust_norm(_oof_distances(x, kk))
+    with _one_blas_thread():  # small matrices: extra BLAS threads only fight the other jobs
+        for name, (x, _, k) in data.items():
+            kk = min(k, max(2, n_tr // 5))
+            models[name] = _Gaussian.fit(x, kk)
+            norms[name] = _robust_norm(_oof_distances(x, kk, groups=groups, seed=seed))
     gate = Gate(models, norms, threshold=np.inf)
-    val_scores = gate.scores(va[0], va[1], va[2] if "embedding" in models else None)
+    val_scores = gate.scores(va.thumbs, va.stats, va.embeddings if "embedding" in models else None)
     threshold = float(np.quantile(val_scores, 1.0 - target_fa, method="higher"))
     gate.threshold = threshold
-    gate.meta = {"target_fa": target_fa, "n_train": len(tr[3]), "n_val": len(va[3]),
-                 "val_false_alarm": float((val_scores > threshold).mean()), **(meta or {})}
+    gate.meta = {"target_fa": target_fa, "n_train": n_tr, "n_train_augmented": int(tr.augmented.sum()),
+                 "n_val": n_va, "val_false_alarm": float((val_scores > threshold).mean()), **(meta or {})}
     if predictor is not None:
         gate.meta.update(model=str(predictor.name), arch=str(predictor.arch), fingerprint=model_fingerprint(predictor),
-                         embedding_dim=int(tr[2].shape[1]) if tr[2] is not None else 0)
+                         embedding_dim=int(tr.embeddings.shape[1]) if "embedding" in models else 0)
     path = gate.save(out_path) if out_path is not None else None
-    stats = GateStats(path, len(tr[3]), len(va[3]), threshold, target_fa, gate.meta["val_false_alarm"],
-                      list(models), dict(gate.meta))
+    stats = GateStats(path, n_tr, n_va, threshold, target_fa, gate.meta["val_false_alarm"], list(models),
+                      dict(gate.meta))
     return gate, stats
 
 
@@ -557,20 +653,25 @@ EXTRA_CHEST_FILES = ("dicom/pydicom_RG1_UNCR_chest_CR.dcm", "dicom/pydicom_RG1_J
 
 
 def chest_manifest(model_dir: str | os.PathLike, data_root: str | os.PathLike,
-                   extra_sources: Sequence[str] = ("tbx11k",), seed: int = 0):
-    """Chest X-ray manifest with a ``split`` column: the run's ``manifest.csv`` when the model folder's
-    parent holds one (the model's own split), else a patient split of the shared sources; sources
-    in ``extra_sources`` that the run did not use get their own patient split."""
+                   extra_sources: Sequence[str] = ("tbx11k",), seed: int = 0,
+                   manifest: str | os.PathLike | None = None):
+    """Chest X-ray manifest with a ``split`` column: ``manifest`` or the run's ``manifest.csv`` (in the
+    model folder or its parent: the model's own split), else a patient split of the shared sources;
+    sources in ``extra_sources`` that the run did not use get their own patient split."""
     import pandas as pd
 
     from chestxray.data import SOURCES, load_sources, patient_split
     from chestxray.labels import get_label_set
 
     labels = get_label_set("nih14")
-    run_manifest = Path(model_dir).resolve().parent / "manifest.csv"
-    if run_manifest.is_file():
-        df = pd.read_csv(run_manifest, usecols=["path", "patient", "source", "split"])
-        df["from"] = "run manifest"
+    folder = Path(model_dir).resolve()
+    found = [Path(p) for p in (manifest, folder / "manifest.csv", folder.parent / "manifest.csv")
+             if p is not None and Path(p).is_file()]
+    if manifest is not None and not Path(manifest).is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    if found:
+        df = pd.read_csv(found[0], usecols=["path", "patient", "source", "split"])
+        df["from"] = f"run manifest {found[0]}"
     else:
         names = [s for s in SOURCES if s != "nih_full_res"]
         df = load_sources(names, data_root, labels, missing="drop")
@@ -589,27 +690,35 @@ def _sample(df, n: int, seed: int):
     return df if len(df) <= n else df.sample(n=n, random_state=seed)
 
 
-def evaluate(gate: Gate, predictor, groups: dict[str, Sequence], chest: set[str] | None = None) -> list[dict]:
-    """Flag rates per group: ``{group: [paths]}`` -> rows with n, flagged, rate and per-rule counts.
+def evaluate(gate: Gate, predictor, groups: dict[str, Sequence], chest: set[str] | None = None,
+             pixels_only: set[str] | None = None) -> list[dict]:
+    """Flag rates per group: ``{group: [paths or arrays]}`` -> rows with n, flagged, rate, per-rule counts.
 
-    Groups named in ``chest`` count flags as false alarms, the others as catches. Metadata and
-    colour rules apply (the files are read as a user would upload them).
+    Groups named in ``chest`` count flags as false alarms, the others as catches. Files are read
+    as a user would upload them (metadata and colour rules apply), except for groups named in
+    ``pixels_only``: these are judged on their gray pixels alone, as if exported to gray PNG.
+    Arrays (float HxW in [0,1]) are judged on their pixels.
     """
     rows = []
-    for name, paths in groups.items():
+    for name, items in groups.items():
         flagged, n, by_rule, files = 0, 0, {}, []
-        for p in paths:
+        for i, item in enumerate(items):
+            is_file = isinstance(item, (str, os.PathLike))
             try:
-                x = read_image(p)
+                x = read_image(item) if is_file else None
             except ImageReadError:
                 continue
-            emb = _embed(predictor, [x.pixels])[0] if predictor is not None and "embedding" in gate.models else None
-            r = gate.assess(x, x.pixels, emb, colour=colour_fraction(p))
+            pixels = x.pixels if x is not None else _pixels_of(item)
+            emb = _embed(predictor, [pixels])[0] if predictor is not None and "embedding" in gate.models else None
+            if not is_file or (pixels_only and name in pixels_only):
+                r = gate.assess(None, pixels, emb)
+            else:
+                r = gate.assess(x, pixels, emb, colour=colour_fraction(item))
             n += 1
             flagged += not r.ok
             for rule in r.rules:
                 by_rule[rule] = by_rule.get(rule, 0) + 1
-            files.append((Path(p).name, r.ok, round(r.score, 2), r.rules))
+            files.append((Path(item).name if is_file else f"#{i}", r.ok, round(r.score, 2), r.rules))
         rows.append({"group": name, "kind": "chest" if chest and name in chest else "non-chest", "n": n,
                      "flagged": flagged, "rate": flagged / n if n else float("nan"), "rules": by_rule,
                      "files": files})
@@ -631,7 +740,9 @@ def format_rows(rows: list[dict], show_files: bool = False) -> str:
 def fit_from_folder(model_dir: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike | None,
                     *, max_train_per_source: int = 600, max_eval_per_source: int = 300, target_fa: float = 0.01,
                     seed: int = 0, report: bool = True, extra_sources: Sequence[str] = ("tbx11k",),
-                    use_embedding: bool = True, print_fn: Callable[[str], None] = print) -> tuple[Gate, GateStats, list]:
+                    manifest: str | os.PathLike | None = None,
+                    use_embedding: bool = True,
+                    print_fn: Callable[[str], None] = print) -> tuple[Gate, GateStats, list]:
     """Fits a gate for a checkpoint folder from the shared data and reports its rates.
 
     Gaussians: the train split (at most ``max_train_per_source`` per source); threshold: the val
@@ -643,7 +754,10 @@ def fit_from_folder(model_dir: str | os.PathLike, data_root: str | os.PathLike, 
 
     root = Path(data_root)
     predictor = Predictor(load_folder(model_dir), device="cpu")
-    df = chest_manifest(model_dir, root, extra_sources=extra_sources, seed=seed)
+    df = chest_manifest(model_dir, root, extra_sources=extra_sources, seed=seed, manifest=manifest)
+    if not str(df["from"].iloc[0]).startswith("run manifest"):
+        print_fn("warning: no run manifest.csv beside the model (pass --manifest runs/<arch>/manifest.csv): a fresh "
+                 "patient split is used, so 'val' and 'test' may hold images the model was trained on")
     parts = {}
     for split, cap in (("train", max_train_per_source), ("val", max_eval_per_source), ("test", max_eval_per_source)):
         sub = df[df["split"] == split]
@@ -663,8 +777,10 @@ def fit_from_folder(model_dir: str | os.PathLike, data_root: str | os.PathLike, 
         groups.update({f"test chest {s}": ps for s, ps in parts["test"].items()})
         groups["extra chest files (misc, dicom)"] = [str(root / f) for f in EXTRA_CHEST_FILES if (root / f).is_file()]
         chest = set(groups)
-        groups["non-chest files (ood, dicom)"] = [str(root / f) for f in NON_CHEST_FILES if (root / f).is_file()]
-        rows = evaluate(gate, predictor, groups, chest)
+        non_chest = [str(root / f) for f in NON_CHEST_FILES if (root / f).is_file()]
+        groups["non-chest files (ood, dicom)"] = non_chest
+        groups["non-chest, gray pixels only"] = non_chest
+        rows = evaluate(gate, predictor, groups, chest, pixels_only={"non-chest, gray pixels only"})
         print_fn(format_rows(rows, show_files=False))
         print_fn(format_rows([r for r in rows if r["kind"] == "non-chest" or "extra" in r["group"]], show_files=True))
     return gate, stats, rows
@@ -677,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     f.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     f.add_argument("--out", default=None, help=f"output file (default: <model>/{GATE_FILE})")
+    f.add_argument("--manifest", default=None,
+                   help="the training run's manifest.csv (default: found beside the model folder or in its parent)")
     f.add_argument("--target-fa", type=float, default=0.01, help="false-alarm rate aimed at on val chest X-rays")
     f.add_argument("--max-train-per-source", type=int, default=600)
     f.add_argument("--max-eval-per-source", type=int, default=300)
@@ -689,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or str(Path(args.model) / GATE_FILE)
     fit_from_folder(args.model, args.data_root, out, max_train_per_source=args.max_train_per_source,
                     max_eval_per_source=args.max_eval_per_source, target_fa=args.target_fa, seed=args.seed,
-                    use_embedding=not args.no_embedding)
+                    use_embedding=not args.no_embedding, manifest=args.manifest)
     return 0
 
 

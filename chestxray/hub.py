@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
 #: Files a checkpoint repo may hold that we download (never pickles).
-CHECKPOINT_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, "README.md", "*.png", "*.json", "*.yaml", "*.csv"]
+CHECKPOINT_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, "gate.safetensors", "README.md", "*.png", "*.json", "*.yaml",
+                       "*.csv"]
 
 
 def _offline() -> bool:

@@ -6,10 +6,12 @@ label or opacity in the app never runs the model again.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,12 @@ from chestxray.cam import FAST_METHODS, all_label_cams, cam_at, method_cam, over
 from chestxray.checkpoint import Checkpoint, load_checkpoint
 from chestxray.models import classifier_weight, features_and_logits
 from chestxray.transforms import resize_gray
+
+if TYPE_CHECKING:
+    from chestxray.gate import GateResult
+    from chestxray.imaging import XrayImage
+
+log = logging.getLogger(__name__)
 
 ImageLike = "XrayImage | np.ndarray | str | os.PathLike | bytes"
 #: Longest side of the image kept for display and overlays (the model sees its own input size).
@@ -37,6 +45,16 @@ def as_pixels(image) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     return arr.astype(np.float32, copy=False)
+
+
+def as_xray(image) -> "XrayImage | None":
+    """The decoded file with its metadata: reads a path or bytes, passes an XrayImage through,
+    and returns None for a bare array (which has no metadata)."""
+    from chestxray.imaging import XrayImage, read_image
+
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        return read_image(image if not isinstance(image, bytearray) else bytes(image))
+    return image if isinstance(image, XrayImage) else None
 
 
 def display_image(pixels: np.ndarray, max_side: int = DISPLAY_MAX) -> np.ndarray:
@@ -60,6 +78,7 @@ class Analysis:
     thresholds: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None  # C, globally pooled final features (for the input gate)
     warnings: list[str] = field(default_factory=list)  # e.g. "does not look like a frontal chest X-ray"
+    gate: "GateResult | None" = None  # the input gate's verdict (chestxray.gate); None when not assessed
 
     def prob_dict(self) -> dict[str, float]:
         """{label: probability}, in the checkpoint's label order."""
@@ -99,6 +118,24 @@ class Predictor:
         self.preprocess = checkpoint.preprocess
         self._weight, _ = classifier_weight(self.model)
         self._cam_lock = threading.Lock()  # pytorch-grad-cam hooks are per-model, not thread-safe
+        self.gate = self._load_gate()
+
+    def _load_gate(self):
+        """The input gate fitted for this checkpoint (``gate.safetensors`` in its folder), or None."""
+        from chestxray.gate import GATE_FILE, Gate
+
+        path = Path(self.ckpt.path) / GATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            gate = Gate.load(path)
+        except ValueError as err:
+            log.warning("input gate not used: %s", err)
+            return None
+        if not gate.matches(self):
+            log.warning("input gate not used: %s was fitted for other weights than %s", GATE_FILE, self.name)
+            return None
+        return gate
 
     @classmethod
     def load(cls, ref: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
@@ -129,14 +166,36 @@ class Predictor:
         return dict(zip(self.labels, map(float, self.predict_batch([image])[0])))
 
     @torch.inference_mode()
-    def analyze(self, image) -> Analysis:
-        """Probabilities and Grad-CAM of every label from one forward pass."""
-        pixels = as_pixels(image)
+    def analyze(self, image, xray: "XrayImage | None" = None, *, source=None) -> Analysis:
+        """Probabilities and Grad-CAM of every label from one forward pass, checked by the input gate.
+
+        Args:
+            image: an XrayImage, a float HxW array in [0,1], a path or bytes.
+            xray: the decoded file ``image`` came from, when ``image`` is a bare array (its DICOM
+                metadata feeds the gate's rules); taken from ``image`` itself otherwise.
+            source: the original file (path or bytes) when ``image`` is already decoded, so that the
+                gate can check its colour (the reader turns colour into gray); ``image`` itself
+                when that is a path or bytes.
+
+        The gate's one-line messages go to ``Analysis.warnings`` (metadata rules always apply; the
+        appearance check needs the checkpoint's ``gate.safetensors``).
+        """
+        from chestxray.gate import assess_without_gate, colour_fraction
+
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+            source = image
+        read = as_xray(image)
+        xray = read if read is not None else xray
+        pixels = as_pixels(read if read is not None else image)
         feats, logits = features_and_logits(self.model, self._input(pixels), self.arch)
         probs = torch.sigmoid(logits)[0].float().cpu().numpy()
         cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
         embedding = feats.float().mean(dim=(2, 3))[0].cpu().numpy()
-        return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding)
+        colour = colour_fraction(source) if source is not None else None
+        verdict = (self.gate.assess(xray, pixels, embedding, colour=colour) if self.gate is not None
+                   else assess_without_gate(xray, pixels, colour=colour))
+        return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding,
+                        warnings=list(verdict.reasons), gate=verdict)
 
     def explain(self, image, label: str, method: str = "gradcam") -> np.ndarray:
         """The map of one label's logit by ``method``, at the model's input resolution (H x W, [0,1])."""

@@ -90,7 +90,8 @@ class ModelRegistry:
         try:
             return self.entries[name]
         except KeyError:
-            raise CheckpointError(f"unknown model {name!r}; choose one of: {', '.join(self.entries) or 'none'}") from None
+            choices = ", ".join(self.entries) or "none"
+            raise CheckpointError(f"unknown model {name!r}; choose one of: {choices}") from None
 
     def folder(self, name: str) -> Path:
         """The local checkpoint folder of a model (Hub download or cache, else its shipped folder)."""
@@ -138,17 +139,18 @@ class ModelRegistry:
                 card[key] = training[key]
         if _is_num(training.get("val_mean_auroc")):
             card["val_mean_auroc"] = float(training["val_mean_auroc"])
-            ci = training.get("val_mean_auroc_ci")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci):
-                card["val_mean_auroc_ci"] = [float(v) for v in ci]
-        summary = _metrics_summary(meta)
-        if summary:
-            card["metrics"] = summary
+            card.update({"val_mean_auroc_ci": ci} if (ci := _ci(training.get("val_mean_auroc_ci"))) else {})
+        card.update({"metrics": summary} if (summary := _metrics_summary(meta)) else {})
         return card
 
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _ci(ci: Any) -> list[float] | None:
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci)
+    return [float(v) for v in ci] if ok else None
 
 
 def _metrics_summary(meta: dict) -> dict[str, Any]:
@@ -158,15 +160,11 @@ def _metrics_summary(meta: dict) -> dict[str, Any]:
         block = meta.get(key)
         if not isinstance(block, dict):
             continue
-        candidates = {key: block} if "mean_auroc" in block else {k: v for k, v in block.items() if isinstance(v, dict)}
-        for split, m in candidates.items():
-            if not _is_num(m.get("mean_auroc")):
+        flat = {str(block.get("split") or ("test" if key == "test" else "evaluation")): block}
+        for split, m in (flat if "mean_auroc" in block else block).items():
+            if not isinstance(m, dict) or not _is_num(m.get("mean_auroc")):
                 continue
-            row: dict[str, Any] = {"mean_auroc": float(m["mean_auroc"])}
-            ci = m.get("mean_auroc_ci")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci):
-                row["mean_auroc_ci"] = [float(v) for v in ci]
-            if _is_num(m.get("n_images")):
-                row["n_images"] = int(m["n_images"])
-            out[split] = row
+            out[split] = {"mean_auroc": float(m["mean_auroc"])}
+            out[split].update({"mean_auroc_ci": ci} if (ci := _ci(m.get("mean_auroc_ci"))) else {})
+            out[split].update({"n_images": int(m["n_images"])} if _is_num(m.get("n_images")) else {})
     return out

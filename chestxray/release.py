@@ -69,12 +69,11 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         root = Path(train_cfg["data_root"]).resolve()
         test["path"] = [str(Path(data_root) / Path(p).resolve().relative_to(root)) for p in test["path"]]
     predictor = Predictor(load_folder(tmp), device="cpu")
-    metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress,
+    p16, _ = predict_paths(predictor, list(test["path"]), progress=progress)
+    metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress, probs=p16,
                                 title=f"{name}: ROC on held-out test patients")
     # float16 vs float32: same images, same path.
-    ref = Predictor(load_folder(best), device="cpu")
-    p32, _ = predict_paths(ref, list(test["path"]), progress=progress)
-    p16, _ = predict_paths(predictor, list(test["path"]), progress=progress)
+    p32, _ = predict_paths(Predictor(load_folder(best), device="cpu"), list(test["path"]), progress=progress)
     Y = test[predictor.labels].to_numpy(np.float64)
     half_check = {"max_abs_prob_diff": float(np.nanmax(np.abs(p32 - p16))),
                   "mean_auroc_fp32": round(_mean_auc(Y, p32), 5), "mean_auroc_fp16": round(_mean_auc(Y, p16), 5),
@@ -102,19 +101,25 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
                                               if k in train_cfg}
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
 
+    gate_report = None
     if fit_gate:
-        try:
-            from chestxray import gate
+        from chestxray import gate
 
-            gate.fit_for_release(tmp, run, data_root or train_cfg["data_root"])
-        except (ImportError, AttributeError) as err:
-            log.warning("input gate not fitted: %s", err)
+        _, _, rows = gate.fit_from_folder(tmp, data_root or train_cfg["data_root"], tmp / gate.GATE_FILE,
+                                          manifest=run / "manifest.csv", print_fn=log.info)
+        gate_report = gate.format_rows(rows)
 
     extra = {"Float16 weights": (
         f"The shipped weights are float16 ({half_check['size_fp16_mb']} MB instead of "
         f"{half_check['size_fp32_mb']} MB). On the {len(test)} test images the largest probability difference "
         f"to the float32 weights is {half_check['max_abs_prob_diff']:.2e}; mean AUROC "
         f"{half_check['mean_auroc_fp32']} (float32) vs {half_check['mean_auroc_fp16']} (float16).")}
+    if gate_report:
+        extra["Input gate (is this a frontal chest X-ray?)"] = (
+            "`gate.safetensors` holds this model's input gate (see `chestxray/gate.py`): it warns when an upload "
+            "does not look like the frontal chest films the model was trained on. Flag rates on images never "
+            "used to fit or calibrate it (false alarms on real chest X-rays, catches on real non-chest images):"
+            "\n\n```\n" + gate_report + "\n```")
     extra["Reproduce"] = (
         "```bash\n"
         f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n"

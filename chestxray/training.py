@@ -388,7 +388,8 @@ def train(cfg: TrainConfig) -> Path:
             from chestxray.release import release
 
             folder = release(cfg.out, cfg.push_to_hub.rsplit("/", 1)[-1], dest_root=Path(cfg.out) / "release",
-                             n_boot=cfg.eval_boot, half=cfg.half, repo_id=cfg.push_to_hub)
+                             n_boot=cfg.eval_boot, half=cfg.half, repo_id=cfg.push_to_hub,
+                             fit_gate=False)  # the gate needs the shared chest/non-chest sets: `release` fits it
             log.info("published %s", publish(folder, cfg.push_to_hub))
         return best
     finally:

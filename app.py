@@ -1,0 +1,526 @@
+"""Gradio demo of the chest X-ray toolkit: upload a film (PNG/JPEG/DICOM), get per-label probabilities
+and Grad-CAM maps; compare the installed models; score a batch of files into a CSV.
+
+UI only: reading, models and maps come from the ``chestxray`` library. Run ``python app.py``
+(``GRADIO_SERVER_NAME=0.0.0.0`` to serve on the network). ``$CHESTXRAY_MODELS`` picks another model list,
+``$CHESTXRAY_WEIGHTS`` another weights folder. API: ``/predict``, ``/explain``, ``/compare``,
+``/compare_overlay``, ``/batch``, ``/model_card`` (see "Use via API" at the page's foot).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each of Gradio's worker threads its own malloc arena, and freed image buffers stay there:
+    RSS then grows with the number of threads that ever ran a request (measured with 16 clients: +247 MiB
+    over 100 requests with the default arenas, +60 MiB with 2). Same as MALLOC_ARENA_MAX=2, which wins if set."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX; applies to arenas created from now on
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        pass
+
+
+_limit_malloc_arenas()
+
+import csv  # noqa: E402
+import functools  # noqa: E402
+import html  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from chestxray.cam import FAST_METHODS, METHODS, overlay  # noqa: E402
+from chestxray.checkpoint import CheckpointError  # noqa: E402
+from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
+from chestxray.predictor import Analysis  # noqa: E402
+from chestxray.registry import NO_MODEL, ModelRegistry  # noqa: E402
+
+log = logging.getLogger("chestxray.app")
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES_DIR = HERE / "examples"
+#: Example files and their labels in the NIH label file (see examples/ATTRIBUTION.md).
+EXAMPLES = {"00001369_000.png": "Cardiomegaly", "00012628_000.png": "Effusion",
+            "00001968_000.png": "Pneumothorax", "00000550_000.png": "No Finding"}
+
+if os.environ.get("CHESTXRAY_TORCH_THREADS"):  # e.g. 1 on a shared, oversubscribed CPU
+    torch.set_num_threads(int(os.environ["CHESTXRAY_TORCH_THREADS"]))
+#: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model.
+CONCURRENCY = int(os.environ.get("CHESTXRAY_CONCURRENCY", 2 if torch.cuda.is_available() else 1))
+QUEUE_SIZE = int(os.environ.get("CHESTXRAY_QUEUE", 32))
+MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
+MAX_GALLERY = 8
+GALLERY_SIDE = 256  # gallery thumbnails: smaller PNGs to encode and send
+#: gr.Label shows (and the API returns) this many labels: more than any label set, so all of them.
+NUM_TOP = 32
+METHOD_NAMES = {"gradcam": "Grad-CAM (fast)", "hirescam": "HiResCAM (fast)", "gradcam++": "Grad-CAM++",
+                "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM (no label)",
+                "scorecam": "Score-CAM (slow)"}
+TITLE = "Chest X-ray findings: research demo"
+DISCLAIMER = """
+<div style="border:1px solid #d97706;border-radius:8px;padding:10px 14px;background:rgba(217,119,6,.08)">
+<b>Research demo: not a medical device, not for diagnosis or treatment decisions.</b>
+The probabilities are outputs of small models trained from scratch on a few thousand public images
+(NIH ChestX-ray14 and others, whose labels were mined from reports and are often wrong): they are not
+calibrated risks, and the models miss findings and flag normal films. Heatmaps show where a model looked,
+not where disease is. See the model card for how each model was trained and how well it did.
+Uploaded files are deleted from the server within an hour.
+</div>
+"""
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def user_errors(fn):
+    """Turns library errors into one-line gr.Error messages; never shows a traceback to the user."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ImageReadError, CheckpointError, ValueError) as err:
+            text = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            raise gr.Error(text, print_exception=False) from None
+        except Exception:  # noqa: BLE001
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error("Unexpected error while processing the request (details are in the server log).",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+def _error(text: str) -> gr.Error:
+    return gr.Error(text, print_exception=False)
+
+
+def _path(file) -> str:
+    if isinstance(file, dict):  # {"path": ...} from some clients
+        file = file.get("path")
+    if not file:
+        raise _error("Upload an image first (PNG, JPEG or DICOM).")
+    return str(file)
+
+
+def image_info(xray: XrayImage) -> str:
+    """One harmless line about the decoded file (XrayImage fields only: it holds no patient data)."""
+    h, w = xray.original_size
+    parts = [xray.format.upper(), f"{w}×{h} px", f"{xray.bit_depth}-bit"]
+    parts += [f"{k} {v}" for k, v in (("modality", xray.modality), ("view", xray.view),
+                                       ("body part", xray.body_part)) if v]
+    text = "Decoded: " + " · ".join(html.escape(p) for p in parts)
+    if xray.notes:
+        text += "<br>Notes: " + "; ".join(html.escape(n) for n in xray.notes)
+    return text
+
+
+def warning_html(warnings: list[str]) -> str:
+    """The prominent box shown when the input gate doubts the image."""
+    items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
+    return ('<div style="border:2px solid #dc2626;border-radius:8px;padding:10px 14px;'
+            'background:rgba(220,38,38,.10)"><b>⚠ Check the input: these results may be meaningless.</b>'
+            f"<ul style='margin:4px 0 0 0'>{items}</ul></div>")
+
+
+def label_table(analysis) -> str:
+    """HTML table: every label, its probability (▲ when above its operating threshold), the threshold."""
+    probs = analysis.prob_dict()
+    cell = "padding:3px 8px;border-bottom:1px solid rgba(128,128,128,.25)"
+    head = "".join(f'<th style="{cell};text-align:{a}">{h}</th>'
+                   for h, a in (("Label", "left"), ("Probability", "right"), ("Operating threshold", "right")))
+    rows = []
+    for k in sorted(analysis.labels, key=lambda k: -probs[k]):
+        p, t = probs[k], analysis.threshold(k)
+        above = p >= t
+        rows.append(f'<tr style="{"font-weight:600" if above else ""}"><td style="{cell}">{html.escape(k)}</td>'
+                    f'<td style="{cell};text-align:right;white-space:nowrap">{"▲ " if above else ""}{p:.3f}</td>'
+                    f'<td style="{cell};text-align:right">{t:.3f}</td></tr>')
+    return (f'<table style="width:100%;border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table><p style="font-size:12px;margin:6px 0 0 0">▲ bold: probability '
+            "at or above the label's operating threshold (above threshold). This is a model output, not a "
+            "diagnosis.</p>")
+
+
+def caption(analysis, label: str, method: str) -> str:
+    """The probability shown beside a map, and why a map alone means little."""
+    p, t = analysis.prob_dict()[label], analysis.threshold(label)
+    side = "above" if p >= t else "below"
+    extra = " EigenCAM ignores the label: every label gets the same map." if method == "eigencam" else ""
+    return (f"**{label}**: probability **{p:.3f}** (operating threshold {t:.3f}: {side} threshold). "
+            f"Map: {METHOD_NAMES.get(method, method)}. Each map is scaled to its own range, so a label "
+            f"with a low probability still gets a full-range heatmap.{extra}")
+
+
+def card_markdown(card: dict) -> str:
+    """The model card panel: architecture, training data, validation AUROC, thresholds."""
+    c = card
+    lines = [f"**{c['name']}**: `{c.get('arch')}`, {c.get('img_size')} px input, weights from `{c.get('source')}`."]
+    data = []
+    if c.get("sources"):
+        data.append("sources " + ", ".join(map(str, c["sources"])))
+    if isinstance(c.get("n_images"), dict):
+        data.append(" / ".join(f"{v} {k}" for k, v in c["n_images"].items()) + " images")
+    if c.get("split"):
+        data.append(f"{c['split']}-wise split")
+    if "pretrained" in c:
+        data.append("ImageNet-pretrained" if c["pretrained"] else "trained from scratch")
+    if data:
+        lines.append("Training data: " + "; ".join(data) + ".")
+
+    def ci_text(ci):
+        return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+    if "val_mean_auroc" in c:
+        lines.append(f"Validation mean AUROC: **{c['val_mean_auroc']:.3f}**{ci_text(c.get('val_mean_auroc_ci'))}.")
+    for split, m in (c.get("metrics") or {}).items():
+        n = f" on {m['n_images']} images" if "n_images" in m else ""
+        lines.append(f"{str(split).capitalize()} mean AUROC: **{m['mean_auroc']:.3f}**"
+                     f"{ci_text(m.get('mean_auroc_ci'))}{n}.")
+    if c.get("thresholds"):
+        rule = f" ({c['threshold_rule']} rule, chosen on validation)" if c.get("threshold_rule") else ""
+        lines.append(f"Operating thresholds{rule}: " + ", ".join(f"{k} {v:.2f}" for k, v in c["thresholds"].items())
+                     + ". A label is marked *above threshold* when its probability reaches its threshold.")
+    else:
+        lines.append("No operating thresholds in this checkpoint: 0.5 is used for every label.")
+    return "\n\n".join(lines)
+
+
+def thumbnail(rgb: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
+    """Downscales an RGB uint8 image so that its longest side is at most ``side``."""
+    im = Image.fromarray(rgb)
+    im.thumbnail((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(im)
+
+
+def _safe_cell(text: str) -> str:
+    """Keeps spreadsheet programs from reading a file name as a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+class OutputFiles:
+    """Output images and CSVs, written by the app under unique names and handed to Gradio as paths.
+
+    Gradio saves array outputs under a content-hash name and rewrites that file in place each time the
+    same picture is produced again (the same example, many users): a client downloading it meanwhile gets
+    a truncated file. A path is instead copied into Gradio's cache atomically and never rewritten. These
+    originals are removed after ``max_age`` seconds.
+    """
+
+    def __init__(self, max_age: float = 900.0):
+        self.root = Path(tempfile.gettempdir()) / f"chestxray_app_{os.getpid()}"
+        self.max_age = max_age
+        self._pruned = 0.0
+
+    def new_dir(self) -> Path:
+        """A fresh folder for one request's outputs (old folders are pruned at most once a minute)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        if now - self._pruned > 60:
+            self._pruned = now
+            for old in self.root.iterdir():
+                try:
+                    if now - old.stat().st_mtime > self.max_age:
+                        shutil.rmtree(old, ignore_errors=True)
+                except OSError:
+                    pass
+        return Path(tempfile.mkdtemp(dir=self.root))
+
+    @staticmethod
+    def png(rgb: np.ndarray, path: Path) -> str:
+        """Writes an RGB/gray uint8 array as PNG (fast compression: 7x quicker, ~20% larger) and returns the path."""
+        Image.fromarray(rgb).save(path, format="png", compress_level=1)
+        return str(path)
+
+
+OUT = OutputFiles()
+#: Seconds a session's stored analysis is kept (overlay changes need it; API clients never "close the tab").
+STATE_TTL = int(os.environ.get("CHESTXRAY_STATE_TTL", 1800))
+
+
+def pack(a: Analysis) -> dict:
+    """What a session keeps of an analysis: probabilities, all-label maps, the display image as uint8 (~0.6 MB)."""
+    return {"labels": list(a.labels), "probs": a.probs, "cams": a.cams, "image": to_uint8(a.image),
+            "thresholds": dict(a.thresholds), "warnings": list(getattr(a, "warnings", None) or [])}
+
+
+def unpack(d: dict) -> Analysis:
+    """The stored analysis back as an :class:`Analysis` (no model involved)."""
+    return Analysis(d["labels"], d["probs"], d["cams"], d["image"].astype(np.float32) / 255.0, d["thresholds"],
+                    warnings=d["warnings"])
+
+
+def _file_stem(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:60] or "label"
+
+
+# -- event handlers ------------------------------------------------------------------------------
+class Service:
+    """The app's handlers over one model registry (every model call goes through the library)."""
+
+    def __init__(self, registry: ModelRegistry, load_default: bool = True):
+        self.registry = registry
+        self.available = registry.available()
+        self.default = registry.default()
+        if self.default and load_default:
+            try:
+                registry.get(self.default)  # loaded at start; the others load on first use
+            except Exception as err:  # noqa: BLE001 - the UI still starts and reports the error on use
+                log.error("could not load the default model %s: %s", self.default, err)
+
+    def _predictor(self, model: str | None):
+        if not self.available:
+            raise _error(NO_MODEL)
+        name = model or self.default
+        if name not in self.available:
+            raise _error(f"Model {name!r} is not installed; choose one of: {', '.join(self.available)}")
+        return name, self.registry.get(name)
+
+    def card(self, name: str | None) -> str:
+        if not name:
+            return f"**{NO_MODEL}**"
+        try:
+            return card_markdown(self.registry.card(name))
+        except Exception as err:  # noqa: BLE001
+            text = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"Model card unavailable: {html.escape(text)}"
+
+    def _render(self, state: dict, label: str | None, method: str, alpha: float, folder: Path | None = None):
+        """The overlay for one label from the stored analysis (no forward pass for the fast methods)."""
+        a = unpack(state["analysis"])
+        label = label if label in a.labels else a.top_label()
+        method = method if method in METHODS else "gradcam"
+        if method in FAST_METHODS:
+            image = a.overlay(label, alpha)
+        else:  # one backward pass; the last map is kept so that opacity changes stay free
+            maps = state.setdefault("maps", {})
+            if (label, method) not in maps:
+                maps.clear()
+                maps[(label, method)] = self.registry.get(state["model"]).explain(a.image, label, method)
+            image = overlay(a.image, maps[(label, method)], alpha)
+        path = OUT.png(image, (folder or OUT.new_dir()) / f"overlay_{_file_stem(label)}.png")
+        return path, caption(a, label, method)
+
+    @staticmethod
+    def _gallery(analysis, alpha: float, folder: Path) -> list:
+        probs = analysis.prob_dict()
+        return [(OUT.png(thumbnail(analysis.overlay(k, alpha)), folder / f"above_{_file_stem(k)}.png"),
+                 f"{k} {probs[k]:.2f}") for k in analysis.positives()[:MAX_GALLERY]]
+
+    @user_errors
+    def predict(self, file, model, method="gradcam", alpha=0.4):
+        """Probabilities of every label (one forward pass), the label table, the top label's overlay."""
+        name, predictor = self._predictor(model)
+        xray = read_image(_path(file))
+        a = predictor.analyze(xray)
+        # the display image (longest side <= 768, uint8) stands in for the film in later explain calls: it
+        # bounds the memory a session holds, and every model input is far smaller
+        state = {"model": name, "analysis": pack(a), "maps": {}}
+        top, folder = a.top_label(), OUT.new_dir()
+        image, text = self._render(state, top, method, alpha, folder)
+        warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
+        decoded = OUT.png(to_uint8(a.image), folder / "image.png")
+        return (a.prob_dict(), label_table(a), image, text, decoded,
+                gr.update(choices=list(a.labels), value=top),
+                gr.update(value=warning_html(warnings) if warnings else "", visible=bool(warnings)),
+                image_info(xray), self._gallery(a, alpha, folder), state)
+
+    @user_errors
+    def explain(self, label, method, alpha, state):
+        """Re-renders the overlay for another label, method or opacity without running the model again."""
+        if not state:
+            raise _error("Analyze an image first.")
+        return (*self._render(state, label, method, alpha), state)
+
+    @user_errors
+    def compare(self, file, label=None, alpha=0.4):
+        """Every installed model on the same image: a label x model table and one overlay per model."""
+        if not self.available:
+            raise _error(NO_MODEL)
+        xray = read_image(_path(file))
+        results, notes = {}, []
+        for name in self.available:
+            try:
+                results[name] = self.registry.get(name).analyze(xray)
+            except CheckpointError as err:
+                notes.append(f"{name}: could not be loaded ({err})")
+        if not results:
+            raise _error("; ".join(notes) or NO_MODEL)
+        labels = list(dict.fromkeys(k for a in results.values() for k in a.labels))
+        rows = [[k, *[round(a.prob_dict()[k], 4) if k in a.labels else None for a in results.values()]]
+                for k in labels]
+        label = label if label in labels else next(iter(results.values())).top_label()
+        for name, a in results.items():
+            notes.append(f"**{name}**, above threshold: {', '.join(a.positives()) or 'none'}")
+            notes += [f"{name}: ⚠ {html.escape(str(w))}" for w in getattr(a, "warnings", None) or []]
+        state = {"results": {name: pack(a) for name, a in results.items()}}
+        return ({"headers": ["label", *results], "data": rows}, self._compare_gallery(state, label, alpha),
+                gr.update(choices=labels, value=label), "\n\n".join(notes), state)
+
+    @staticmethod
+    def _compare_gallery(state: dict, label: str, alpha: float) -> list:
+        folder = OUT.new_dir()
+        return [(OUT.png(a.overlay(label, alpha), folder / f"{_file_stem(name)}.png"),
+                 f"{name}: {label} p={a.prob_dict()[label]:.2f}")
+                for name, a in ((n, unpack(d)) for n, d in state["results"].items()) if label in a.labels]
+
+    @user_errors
+    def compare_overlay(self, label, alpha, state):
+        """The side-by-side overlays for another label, without running the models again."""
+        if not state:
+            raise _error("Run the comparison first.")
+        return self._compare_gallery(state, label, alpha)
+
+    @user_errors
+    def batch(self, files, model, progress=gr.Progress()):
+        """Scores several files into a CSV: file, one column per label, warning, error."""
+        name, predictor = self._predictor(model)
+        files = [f for f in (files or []) if f]
+        if not files:
+            raise _error("Upload one or more files.")
+        if len(files) > MAX_BATCH:
+            raise _error(f"At most {MAX_BATCH} files per batch ({len(files)} given).")
+        header = ["file", *predictor.labels, "warning", "error"]
+        rows = []
+        for f in progress.tqdm(files, desc="Scoring"):
+            path = _path(f)
+            row = {"file": _safe_cell(Path(path).name), "warning": "", "error": ""}
+            try:
+                a = predictor.analyze(read_image(path))
+                row.update({k: f"{p:.6f}" for k, p in a.prob_dict().items()})
+                row["warning"] = "; ".join(str(w) for w in getattr(a, "warnings", None) or [])
+            except ImageReadError as err:
+                row["error"] = str(err)
+            rows.append(row)
+        out = OUT.new_dir() / f"predictions_{_file_stem(name)}.csv"
+        with out.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        shown = ["file", "error", "warning", *predictor.labels]  # problems first in the on-page preview
+        return str(out), {"headers": shown, "data": [[r.get(k, "") for k in shown] for r in rows]}
+
+    @user_errors
+    def model_card(self, model):
+        """Loads the chosen model (once) and returns its card."""
+        if model:
+            self._predictor(model)
+        return self.card(model)
+
+
+# -- layout --------------------------------------------------------------------------------------
+def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
+    """Builds the Blocks app over ``registry`` (default: ``models.yaml`` / ``$CHESTXRAY_MODELS``)."""
+    svc = Service(registry if registry is not None else ModelRegistry.from_yaml())
+    model_work = {"concurrency_id": "model", "concurrency_limit": CONCURRENCY}
+    examples = [f for f in EXAMPLES if (EXAMPLES_DIR / f).is_file()]
+    with gr.Blocks(title=TITLE, delete_cache=(600, 3000)) as demo:
+        gr.Markdown(f"# {TITLE}\nProbabilities for the 14 NIH ChestX-ray14 findings and *No Finding*, with "
+                    "Grad-CAM heatmaps. Upload a frontal chest film (PNG, JPEG or DICOM).")
+        gr.HTML(DISCLAIMER)
+        if not svc.available:
+            gr.HTML('<div style="border:2px solid #dc2626;border-radius:8px;padding:10px 14px;margin-top:6px;'
+                    f'background:rgba(220,38,38,.10)"><b>{html.escape(NO_MODEL)}</b> The app does not predict '
+                    "with untrained (random) weights, so Analyze, Compare and Batch are disabled.</div>",
+                    elem_id="no-model")
+        with gr.Row(equal_height=False):
+            model_dd = gr.Dropdown(svc.available, value=svc.default, label="Model", allow_custom_value=True,
+                                   scale=1, min_width=220, info=None if svc.available else NO_MODEL)
+            with gr.Accordion("Model card", open=False), gr.Column(scale=3):
+                card_md = gr.Markdown(svc.card(svc.default), label="Model card", show_label=False)
+        with gr.Tabs():
+            with gr.Tab("Analyze"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=280):
+                        file_in = gr.File(label="Chest X-ray: PNG, JPEG or DICOM (also without extension)",
+                                          type="filepath", file_types=None, height=120, elem_id="xray-file")
+                        run_btn = gr.Button("Analyze", variant="primary", elem_id="analyze")
+                        if examples:
+                            gr.Examples([[str(EXAMPLES_DIR / f)] for f in examples], inputs=[file_in],
+                                        cache_examples=False, label="Examples (NIH ChestX-ray14)",
+                                        example_labels=[EXAMPLES[f] for f in examples])
+                        decoded = gr.Image(label="Decoded image", type="numpy", format="png", interactive=False,
+                                           height=300)
+                        info_md = gr.Markdown(label="Image info", show_label=False)
+                    with gr.Column(scale=3, min_width=320):
+                        warn_html = gr.HTML(visible=False, elem_id="input-warning", label="Input warning")
+                        probs = gr.Label(num_top_classes=NUM_TOP, show_heading=False, label="Probabilities",
+                                         elem_id="probs")
+                        with gr.Accordion("All labels with operating thresholds", open=True):
+                            table_md = gr.HTML(label="Label table")
+                    with gr.Column(scale=3, min_width=320):
+                        with gr.Row():
+                            label_dd = gr.Dropdown([], value=None, label="Heatmap for label",
+                                                   allow_custom_value=True)
+                            method_dd = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items() if k in METHODS],
+                                                    value="gradcam", label="Method")
+                        alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
+                        overlay_img = gr.Image(label="Heatmap overlay", type="numpy", format="png",
+                                               interactive=False, height=400, elem_id="overlay")
+                        caption_md = gr.Markdown(label="Heatmap caption", show_label=False)
+                        gallery = gr.Gallery(label="Labels above their threshold (Grad-CAM)", columns=4,
+                                             height="auto", format="png", object_fit="contain")
+                state = gr.State(time_to_live=STATE_TTL)
+            with gr.Tab("Compare models"):
+                gr.Markdown("Runs every installed model on the same image.")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=280):
+                        cmp_file = gr.File(label="Chest X-ray", type="filepath", file_types=None, height=120)
+                        cmp_btn = gr.Button("Compare all models", variant="primary")
+                        cmp_label = gr.Dropdown([], value=None, label="Heatmap for label", allow_custom_value=True)
+                        cmp_notes = gr.Markdown(label="Comparison notes", show_label=False)
+                    with gr.Column(scale=2):
+                        cmp_table = gr.Dataframe(label="Probability per label (rows) and model (columns)",
+                                                 interactive=False, max_height=520)
+                        cmp_gallery = gr.Gallery(label="Grad-CAM per model", columns=5, height="auto", format="png",
+                                                 object_fit="contain")
+                cmp_state = gr.State(time_to_live=STATE_TTL)
+            with gr.Tab("Batch"):
+                gr.Markdown(f"Score up to {MAX_BATCH} files with the selected model. The CSV has one row per file: "
+                            "the file name, one column per label (probability), a *warning* and an *error* "
+                            "column (unreadable files get an error row).")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=280):
+                        batch_files = gr.File(label="Files", file_count="multiple", type="filepath",
+                                              file_types=None)
+                        batch_btn = gr.Button("Score files", variant="primary")
+                        batch_csv = gr.File(label="Results (CSV)", interactive=False)
+                    with gr.Column(scale=2):
+                        batch_table = gr.Dataframe(label="Results", interactive=False, max_height=520)
+
+        run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha],
+                      [probs, table_md, overlay_img, caption_md, decoded, label_dd, warn_html, info_md, gallery,
+                       state], api_name="predict", **model_work)
+        gr.on([label_dd.input, method_dd.input, alpha.release], svc.explain, [label_dd, method_dd, alpha, state],
+              [overlay_img, caption_md, state], api_name="explain", show_progress="minimal", **model_work)
+        cmp_btn.click(svc.compare, [cmp_file, cmp_label, alpha],
+                      [cmp_table, cmp_gallery, cmp_label, cmp_notes, cmp_state], api_name="compare", **model_work)
+        cmp_label.input(svc.compare_overlay, [cmp_label, alpha, cmp_state], [cmp_gallery],
+                        api_name="compare_overlay", show_progress="minimal", **model_work)
+        batch_btn.click(svc.batch, [batch_files, model_dd], [batch_csv, batch_table], api_name="batch", **model_work)
+        model_dd.change(svc.model_card, [model_dd], [card_md], api_name="model_card", **model_work)
+    demo.service = svc  # for tests and benchmarks
+    return demo
+
+
+demo = create_demo()
+demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), max_file_size="25mb",
+                show_error=False)

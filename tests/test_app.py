@@ -1,0 +1,305 @@
+"""The Gradio app over its HTTP API (gradio_client), on two tiny real checkpoints, and the model registry."""
+from __future__ import annotations
+
+import csv
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch import nn
+
+from tests.badfiles import CHEST_CR, NIH_IMAGE, PRIVACY_MARKERS
+from tests.helpers import make_checkpoint
+
+MODELS = ("tiny_eff", "tiny_res")
+META = {"training": {"val_mean_auroc": 0.6123, "val_mean_auroc_ci": [0.58, 0.64], "sources": ["nih384"],
+                     "n_images": {"train": 10, "val": 5}, "split": "patient", "threshold_rule": "youden",
+                     "pretrained": False},
+        "metrics": {"test": {"mean_auroc": 0.6, "mean_auroc_ci": [0.55, 0.65], "n_images": 40}}}
+
+
+def _yaml(path: Path, names, default=None) -> Path:
+    lines = [f"default: {default or names[0]}", "models:"]
+    lines += [f"  - {{name: {n}, hub: 'hf-hub:nobody/{n}', local: {n}}}" for n in names]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Two tiny checkpoints in a tmp weights dir, a models yaml naming them (and one missing), tmp Gradio dirs."""
+    root = tmp_path_factory.mktemp("app")
+    make_checkpoint(root / "weights" / "tiny_eff", arch="test_efficientnet", seed=0, **META)
+    make_checkpoint(root / "weights" / "tiny_res", arch="resnet10t", seed=1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CHESTXRAY_WEIGHTS", str(root / "weights"))
+    mp.setenv("CHESTXRAY_MODELS", str(_yaml(root / "models.yaml", [*MODELS, "not_installed"])))
+    mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio_tmp"))
+    mp.setenv("GRADIO_EXAMPLES_CACHE", str(root / "examples_cache"))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def served(env):
+    """(app module, demo, client) with the demo built on the tmp models and served on a free port."""
+    import app
+    from gradio_client import Client
+
+    demo = app.create_demo()  # reads $CHESTXRAY_MODELS / $CHESTXRAY_WEIGHTS now
+    demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            max_file_size="25mb")
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(env / "client"))
+    yield app, demo, client
+    client.close()
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def forwards(served):
+    """Counts forward passes of each loaded model (a hook on its first convolution)."""
+    _, demo, _ = served
+    counts = {}
+    for name in MODELS:
+        model = demo.service.registry.get(name).model
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        counts[name] = 0
+        conv.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+    return counts
+
+
+def _probs(label_output: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label_output["confidences"]}
+
+
+def test_api_endpoints(served):
+    _, _, client = served
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/predict", "/explain", "/compare", "/compare_overlay", "/batch", "/model_card"} <= set(api)
+    assert [p["parameter_name"] for p in api["/predict"]["parameters"]][:2] == ["file", "model"]
+    assert api["/predict"]["returns"][0]["component"] == "Label"
+
+
+def test_predict_png_matches_predictor(served, data_dir, forwards):
+    from gradio_client import handle_file
+
+    from chestxray.predictor import Predictor
+
+    app, demo, client = served
+    path = data_dir / NIH_IMAGE
+    before = forwards["tiny_eff"]
+    out = client.predict(handle_file(str(path)), "tiny_eff", "gradcam", 0.4, api_name="/predict")
+    assert forwards["tiny_eff"] == before + 1  # probabilities and every label's map from one forward
+    probs = _probs(out[0])
+    reference = Predictor.load(demo.service.registry.folder("tiny_eff")).predict(path)
+    assert list(probs) == sorted(reference, key=lambda k: -reference[k])  # every label, most probable first
+    assert all(0.0 <= p <= 1.0 for p in probs.values())
+    assert max(abs(probs[k] - reference[k]) for k in reference) < 1e-4
+    table, overlay_path, caption = out[1], out[2], out[3]
+    assert all(f">{k}<" in table for k in reference) and "above threshold" in table
+    top = out[0]["label"]
+    assert top in caption and f"{probs[top]:.3f}" in caption
+    with Image.open(overlay_path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+    with Image.open(out[4]) as im:
+        assert im.format == "PNG" and im.size == (384, 384)  # the decoded film shown back
+    assert "PNG" in out[7]
+
+
+def test_predict_dicom(served, data_dir, bad_corpus):
+    from gradio_client import handle_file
+
+    _, _, client = served
+    out = client.predict(handle_file(str(data_dir / CHEST_CR)), "tiny_res", api_name="/predict")
+    probs = _probs(out[0])
+    assert len(probs) == 15 and all(0.0 <= p <= 1.0 for p in probs.values())
+    assert "DICOM" in out[7] and "MONOCHROME1 inverted" in out[7]
+    # a DICOM with identifying header values: none of them may reach any output
+    out = client.predict(handle_file(str(bad_corpus["privacy.dcm"])), "tiny_res", api_name="/predict")
+    text = repr(out)
+    assert not any(v.split("^")[0] in text for v in PRIVACY_MARKERS.values())
+
+
+@pytest.mark.parametrize("name", ["text.png", "bomb.png", "truncated.dcm"])
+def test_bad_file_is_one_line_error(served, bad_corpus, data_dir, name):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from chestxray.imaging import ImageReadError, read_image
+
+    _, _, client = served
+    with pytest.raises(ImageReadError) as expected:
+        read_image(bad_corpus[name])
+    with pytest.raises(AppError) as err:
+        client.predict(handle_file(str(bad_corpus[name])), "tiny_eff", api_name="/predict")
+    message = str(err.value)
+    assert "\n" not in message and str(expected.value) in message and "Traceback" not in message
+    out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
+    assert len(out[0]["confidences"]) == 15  # the server still answers
+
+
+def test_overlay_changes_run_no_forward(served, data_dir, forwards):
+    from gradio_client import handle_file
+
+    _, _, client = served
+    out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
+    count = forwards["tiny_eff"]
+    first = client.predict("Effusion", "gradcam", 0.3, api_name="/explain")
+    second = client.predict("Effusion", "gradcam", 0.8, api_name="/explain")
+    third = client.predict("Cardiomegaly", "hirescam", 0.5, api_name="/explain")
+    assert forwards["tiny_eff"] == count  # label, opacity and fast-method changes reuse the stored analysis
+    assert "Effusion" in first[1] and "Cardiomegaly" in third[1]
+    a, b = (np.asarray(Image.open(p)) for p in (first[0], second[0]))
+    assert a.shape == b.shape and not np.array_equal(a, b)  # the opacity took effect
+    assert out[0]["label"] in out[3]
+    client.predict("Effusion", "gradcam++", 0.4, api_name="/explain")  # one forward + backward: expected
+    count = forwards["tiny_eff"]
+    client.predict("Effusion", "gradcam++", 0.7, api_name="/explain")  # the map is kept: opacity is free
+    assert forwards["tiny_eff"] == count
+
+
+def test_compare(served, data_dir, forwards):
+    from gradio_client import handle_file
+
+    _, _, client = served
+    table, gallery, _, notes = client.predict(handle_file(str(data_dir / NIH_IMAGE)), None, 0.4,
+                                              api_name="/compare")
+    assert table["headers"] == ["label", *MODELS]  # one column per installed model
+    assert len(table["data"]) == 15
+    assert all(0.0 <= v <= 1.0 for row in table["data"] for v in row[1:])
+    assert len(gallery) == 2 and all(m in notes for m in MODELS)
+    count = dict(forwards)
+    gallery = client.predict("Hernia", 0.5, api_name="/compare_overlay")
+    assert forwards == count and len(gallery) == 2 and all("Hernia" in g["caption"] for g in gallery)
+
+
+def test_batch_csv(served, data_dir, bad_corpus):
+    from gradio_client import handle_file
+
+    from chestxray.labels import get_label_set
+
+    _, _, client = served
+    files = [data_dir / NIH_IMAGE, data_dir / CHEST_CR, bad_corpus["text.png"]]
+    csv_path, preview = client.predict([handle_file(str(f)) for f in files], "tiny_eff", api_name="/batch")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = get_label_set("nih14")
+    assert list(rows[0]) == ["file", *labels, "warning", "error"]
+    assert [r["file"] for r in rows] == [f.name for f in files]
+    for r in rows[:2]:
+        assert r["error"] == "" and all(0.0 <= float(r[k]) <= 1.0 for k in labels)
+    assert rows[2]["error"].startswith("not a readable image") and rows[2]["Atelectasis"] == ""
+    assert len(preview["data"]) == 3
+
+
+def test_model_card(served):
+    _, _, client = served
+    card = client.predict("tiny_eff", api_name="/model_card")
+    assert "0.612" in card and "0.580-0.640" in card and "Test mean AUROC" in card and "youden" in card
+    card = client.predict("tiny_res", api_name="/model_card")  # no training block: still a card
+    assert "resnet10t" in card and "Operating thresholds" in card
+
+
+def test_no_model_installed(env, tmp_path, data_dir, monkeypatch):
+    import app
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from chestxray.registry import NO_MODEL, ModelRegistry
+
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(tmp_path / "empty"))
+    demo = app.create_demo(ModelRegistry.from_yaml(Path(app.HERE) / "models.yaml"))
+    assert demo.service.available == [] and demo.service.default is None
+    demo.queue(max_size=app.QUEUE_SIZE)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl"))
+        assert NO_MODEL in json.dumps(client.config)  # the page says so plainly
+        for args, api in (((handle_file(str(data_dir / NIH_IMAGE)), None), "/predict"),
+                          ((handle_file(str(data_dir / NIH_IMAGE)),), "/compare")):
+            with pytest.raises(AppError) as err:
+                client.predict(*args, api_name=api)
+            assert str(err.value).strip() == NO_MODEL
+        client.close()
+    finally:
+        demo.close()
+
+
+# -- registry -----------------------------------------------------------------------------------
+def test_registry_available_default_and_single_load(env, monkeypatch):
+    from chestxray import registry as reg
+
+    r = reg.ModelRegistry.from_yaml(_yaml(env / "r.yaml", ["absent", "tiny_res", "tiny_eff"], default="absent"))
+    assert r.available() == ["tiny_res", "tiny_eff"] and r.default() == "tiny_res"
+    calls = []
+    real = reg.load_folder
+    monkeypatch.setattr(reg, "load_folder", lambda f: (calls.append(f), real(f))[1])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: r.get("tiny_res"), range(4)))
+    assert len(calls) == 1 and all(p is got[0] for p in got)
+    assert r.loaded() == ["tiny_res"]
+    with pytest.raises(ValueError, match="unknown model"):
+        r.get("nope")
+    bad = env / "bad.yaml"
+    bad.write_text("models:\n  - {name: x, local: ../x}\n")
+    with pytest.raises(ValueError, match="folder name"):
+        reg.ModelRegistry.from_yaml(bad)
+    assert reg.ModelRegistry([]).available() == [] and reg.ModelRegistry([]).default() is None
+
+
+def test_registry_hf_cache(env, tmp_path, monkeypatch):
+    """A Hub repo already in the HF cache is available and loads offline (no shipped folder)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from chestxray.registry import ModelRegistry
+
+    snap = tmp_path / "hub" / "models--nobody--cached" / "snapshots" / ("a" * 40)
+    shutil.copytree(env / "weights" / "tiny_eff", snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = ModelRegistry.from_yaml(_yaml(tmp_path / "m.yaml", ["cached"]))
+    assert r.available() == ["cached"]
+    assert r.get("cached").ckpt.path == snap
+    card = r.card("cached")
+    assert card["arch"] == "test_efficientnet" and card["val_mean_auroc"] == pytest.approx(0.6123)
+    assert card["metrics"]["test"]["mean_auroc_ci"] == [0.55, 0.65] and len(card["thresholds"]) == 15
+
+
+def test_registry_card_is_defensive(env, tmp_path, monkeypatch):
+    import shutil
+
+    from chestxray.registry import ModelRegistry
+
+    weights = tmp_path / "w"
+    shutil.copytree(env / "weights" / "tiny_res", weights / "odd")
+    cfg = json.loads((weights / "odd" / "config.json").read_text())
+    cfg["chestxray"] = {"thresholds": {"Atelectasis": "x", "Edema": 0.3}, "training": "garbage", "metrics": [1]}
+    (weights / "odd" / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(weights))
+    card = ModelRegistry.from_yaml(_yaml(tmp_path / "m.yaml", ["odd"])).card("odd")
+    assert card["thresholds"] == {"Edema": 0.3} and "val_mean_auroc" not in card and "metrics" not in card
+
+
+def test_input_gate_warning_is_shown(served, data_dir, monkeypatch):
+    """Warnings the predictor attaches (e.g. the input gate's) reach the page and the batch CSV."""
+    from gradio_client import handle_file
+
+    from chestxray.predictor import Predictor
+
+    _, _, client = served
+    real = Predictor.analyze
+    text = "This does not look like a frontal chest X-ray"
+    monkeypatch.setattr(Predictor, "analyze", lambda self, image: (a := real(self, image), a.warnings.append(text))[0])
+    out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
+    assert out[6]["visible"] is True and text in out[6]["value"]
+    csv_path, _ = client.predict([handle_file(str(data_dir / NIH_IMAGE))], "tiny_eff", api_name="/batch")
+    with open(csv_path, newline="") as fh:
+        assert next(csv.DictReader(fh))["warning"] == text
