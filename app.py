@@ -30,6 +30,7 @@ def _limit_malloc_arenas(n: int = 2) -> None:
 
 _limit_malloc_arenas()
 
+import atexit  # noqa: E402
 import csv  # noqa: E402
 import functools  # noqa: E402
 import html  # noqa: E402
@@ -225,6 +226,7 @@ class OutputFiles:
         self.root = Path(tempfile.gettempdir()) / f"chestxray_app_{os.getpid()}"
         self.max_age = max_age
         self._pruned = 0.0
+        atexit.register(shutil.rmtree, self.root, True)
 
     def new_dir(self) -> Path:
         """A fresh folder for one request's outputs (old folders are pruned at most once a minute)."""
