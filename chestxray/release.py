@@ -141,3 +141,26 @@ def summary_row(folder: Path) -> dict[str, Any]:
     return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.get("val_mean_auroc"),
             "mean_auroc": m.get("mean_auroc", {}), "mean_auroc_ci": m.get("mean_auroc_ci", {}),
             "size_mb": round((folder / WEIGHTS_FILE).stat().st_size / 2**20, 1)}
+
+
+def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | None = None) -> str:
+    """Makes the shipped model with the best validation mean AUROC (NIH images) the app's default.
+
+    Sets ``default:`` in ``models.yaml`` and says so, with the comparison, in that model's card.
+    """
+    import re
+
+    root = Path(dest_root or weights_dir())
+    rows = [summary_row(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file() and p.suffix != ".tmp"]
+    rows = [r for r in rows if r["val_mean_auroc"] is not None]
+    best = max(rows, key=lambda r: r["val_mean_auroc"])
+    path = Path(models_yaml)
+    path.write_text(re.sub(r"(?m)^default:.*$", f"default: {best['name']}", path.read_text(), count=1))
+    others = ", ".join(f"{r['name']} {r['val_mean_auroc']:.3f}" for r in rows if r is not best)
+    section = (f"\n## The app's default model\n\nThis is the demo's default model: the best of the {len(rows)} shipped "
+               f"models by validation mean AUROC on NIH images ({best['val_mean_auroc']:.3f}; {others}).\n")
+    card = root / best["name"] / "README.md"
+    text = card.read_text()
+    if "## The app's default model" not in text:
+        card.write_text(text + section)
+    return best["name"]

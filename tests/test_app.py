@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from torch import nn
 
-from tests.badfiles import CHEST_CR, NIH_IMAGE, PRIVACY_MARKERS
+from tests.badfiles import BAD, CHEST_CR, GOOD, NIH_IMAGE, PRIVACY_MARKERS
 from tests.helpers import make_checkpoint
 
 MODELS = ("tiny_eff", "tiny_res")
@@ -124,7 +124,7 @@ def test_predict_dicom(served, data_dir, bad_corpus):
     assert not any(v.split("^")[0] in text for v in PRIVACY_MARKERS.values())
 
 
-@pytest.mark.parametrize("name", ["text.png", "bomb.png", "truncated.dcm"])
+@pytest.mark.parametrize("name", BAD)
 def test_bad_file_is_one_line_error(served, bad_corpus, data_dir, name):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -140,6 +140,15 @@ def test_bad_file_is_one_line_error(served, bad_corpus, data_dir, name):
     assert "\n" not in message and str(expected.value) in message and "Traceback" not in message
     out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
     assert len(out[0]["confidences"]) == 15  # the server still answers
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_odd_but_valid_files_are_predicted(served, bad_corpus, name):
+    from gradio_client import handle_file
+
+    _, _, client = served
+    out = client.predict(handle_file(str(bad_corpus[name])), "tiny_eff", api_name="/predict")
+    assert len(out[0]["confidences"]) == 15
 
 
 def test_overlay_changes_run_no_forward(served, data_dir, forwards):

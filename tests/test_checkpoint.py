@@ -117,3 +117,16 @@ def test_hf_hub_falls_back_to_shipped(tmp_path, monkeypatch, caplog):
     assert sum("using shipped weights/cxr-tiny" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(CheckpointError, match="no shipped"):
         load_checkpoint("hf-hub:someorg/absent-model")
+
+
+def test_pretrained_offline_trains_from_scratch_with_a_warning(monkeypatch, caplog):
+    """--pretrained needs the Hub; offline it must say so and fall back to random init, not crash."""
+    import huggingface_hub.constants as c
+
+    from chestxray.models import create_model
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with caplog.at_level("WARNING"):
+        model = create_model("resnet10t", 3, pretrained=True)
+    assert model.get_classifier().out_features == 3
+    assert any("training from scratch" in r.getMessage() for r in caplog.records)

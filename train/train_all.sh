@@ -19,3 +19,6 @@ for arch in "${ARCHS[@]}"; do
     "$PY" -m chestxray release "runs/$arch" --name "$arch"
   fi
 done
+if [ "${SKIP_RELEASE:-0}" != 1 ]; then
+  "$PY" -c "from chestxray.release import mark_default; print('default model:', mark_default('models.yaml'))"
+fi
