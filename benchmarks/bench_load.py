@@ -144,22 +144,28 @@ def main() -> int:
         warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model)
         rss_warm = server.rss_mb()
         t0 = time.perf_counter()
-        res = fire(server.url, args.requests - args.warmup, args.clients, args.model)
+        half = (args.requests - args.warmup) // 2
+        res = fire(server.url, half, args.clients, args.model)
+        rss_mid = server.rss_mb()
+        res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model)
         wall = time.perf_counter() - t0
         rss_end = server.rss_mb()
+        res.outcomes.update(res2.outcomes)
+        res.latencies += res2.latencies
+        res.errors += res2.errors
     finally:
         server.stop()
     lat = sorted(res.latencies)
     print(f"{args.clients} clients, {args.requests} requests ({args.warmup} warm-up), queue max_size {args.queue}\n")
     print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
-          f"RSS after {args.warmup} MiB | RSS after {args.requests} MiB | growth MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     sent = args.requests - args.warmup
     lost = sent - res.total
     p50 = statistics.median(lat) if lat else float("nan")
     p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
     print(f"| {res.outcomes['ok'] + warm.outcomes['ok']} | {res.outcomes['refused']} | {res.outcomes['error']} | "
-          f"{lost} | {p50:.2f} | {p95:.2f} | {res.outcomes['ok'] / wall:.2f} | {rss_warm:.0f} | {rss_end:.0f} | "
+          f"{lost} | {p50:.2f} | {p95:.2f} | {res.outcomes['ok'] / wall:.2f} | {rss_warm:.0f} | {rss_mid:.0f} | {rss_end:.0f} | "
           f"{rss_end - rss_warm:+.0f} |")
     for msg, n in Counter(res.errors).most_common(5):
         print(f"- {n} x {msg}")
