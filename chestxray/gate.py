@@ -19,11 +19,15 @@ Three kinds of evidence, cheapest first:
 The one-class components are fitted on the training films plus one augmented copy of each
 (other exposure, window, processing and collimation: see :func:`augment_chest`). Each gives a
 squared distance ``d``; ``z = (log d - median) / scale`` is normalised by out-of-fold distances of
-the training films, and the gate's score is the largest ``z``. The threshold is the
-``1 - target_fa`` quantile of the scores of *validation* chest films (never of non-chest images,
-so the few real non-chest files we have stay an honest test set). An aspect ratio beyond
-:data:`MAX_ASPECT` is a rule of its own. The rules that need no fitting (metadata, colour, shape)
-also apply to checkpoints without a gate file (:func:`assess_without_gate`).
+the training films. On *validation* chest films each component's ``1 - target_fa / n`` quantile
+(capped so that at least 5 films lie above it) becomes its offset, the gate's score is the
+largest ``z - offset``, and the threshold is the ``1 - target_fa`` quantile of the validation
+scores. Only chest films set these numbers, never non-chest images, so the few real non-chest
+files we have stay an honest test set. (The offsets matter: the embedding component of some
+models is heavy-tailed on unseen films, and it must not raise the bar for the others.)
+
+An aspect ratio beyond :data:`MAX_ASPECT` is a rule of its own. The rules that need no fitting
+(metadata, colour, shape) also apply to checkpoints without a gate file (:func:`assess_without_gate`).
 
 No lateral chest films are in the shared data, so lateral views are caught by DICOM metadata
 only; whether the appearance score flags a lateral PNG is untested.
@@ -62,7 +66,7 @@ from chestxray.transforms import resize_gray
 log = logging.getLogger(__name__)
 
 GATE_FILE = "gate.safetensors"
-GATE_VERSION = 1
+GATE_VERSION = 2  # 2: per-component offsets (version-1 files load with zero offsets)
 MAX_ASPECT = 2.0  # height/width (or width/height) beyond which an image is no chest film
 THUMB = 32  # eigen-chest thumbnail side
 STATS_SIDE = 64  # side of the squash-resized image the gray statistics are computed on
@@ -312,10 +316,11 @@ class GateResult:
     Attributes:
         ok: True when nothing suggests the image is not a frontal chest X-ray.
         reasons: user-facing one-line messages (empty when ok).
-        score: the appearance/feature-space outlier score (largest robust z of the components);
-            ``ok`` needs ``score <= threshold``. NaN when no component could be scored.
+        score: the appearance/feature-space outlier score (largest calibrated z of the components,
+            see :meth:`Gate.combine`); ``ok`` needs ``score <= threshold``. NaN when no component
+            could be scored.
         threshold: the score threshold of this gate.
-        components: ``{component: z}`` (``thumb``, ``stats``, ``embedding``).
+        components: ``{component: robust z}`` (``thumb``, ``stats``, ``embedding``), before offsets.
         rules: which rules fired (``modality``/``body_part``/``view`` via metadata, ``colour``,
             ``shape`` (aspect ratio beyond :data:`MAX_ASPECT`), ``appearance`` (score)).
     """
@@ -348,9 +353,11 @@ class Gate:
     COMPONENTS = ("thumb", "stats", "embedding")
 
     def __init__(self, models: dict[str, _Gaussian], norms: dict[str, tuple[float, float]], threshold: float,
-                 meta: dict[str, Any] | None = None, colour_limit: float = 0.1):
+                 meta: dict[str, Any] | None = None, colour_limit: float = 0.1,
+                 offsets: dict[str, float] | None = None):
         self.models = models
         self.norms = norms
+        self.offsets = {k: float(v) for k, v in (offsets or {}).items()}
         self.threshold = float(threshold)
         self.meta = dict(meta or {})
         self.colour_limit = float(colour_limit)
@@ -369,10 +376,15 @@ class Gate:
             out[name] = (np.log(g.distance(x)) - med) / scale
         return out
 
+    def combine(self, z: dict[str, np.ndarray]) -> np.ndarray:
+        """The combined score: the largest ``z - offset`` over the components (each component's
+        offset is its own high quantile on validation chest films, so a heavy-tailed component
+        cannot raise the bar for the others)."""
+        return np.max(np.stack([v - self.offsets.get(k, 0.0) for k, v in z.items()]), axis=0)
+
     def scores(self, thumbs: np.ndarray, stats: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
-        """The combined score (N,): the largest component z."""
-        z = self.component_z(thumbs, stats, embeddings)
-        return np.max(np.stack(list(z.values())), axis=0)
+        """The combined score (N,) of batches of features."""
+        return self.combine(self.component_z(thumbs, stats, embeddings))
 
     def assess(self, xray: XrayImage | None, pixels: np.ndarray | None = None, embedding: np.ndarray | None = None,
                *, colour: float | None = None) -> GateResult:
@@ -398,8 +410,9 @@ class Gate:
                 emb = np.asarray(embedding, np.float64).reshape(1, -1)
                 if emb.shape[1] != self.models["embedding"].mu.shape[0]:
                     emb = None
-            comps = {k: float(v[0]) for k, v in self.component_z(thumb[None], stats[None], emb).items()}
-            score = max(comps.values()) if comps else float("nan")
+            z = self.component_z(thumb[None], stats[None], emb)
+            comps = {k: float(v[0]) for k, v in z.items()}
+            score = float(self.combine(z)[0]) if comps else float("nan")
             if comps and score > self.threshold:
                 rules.append("appearance")
                 if APPEARANCE_MSG not in reasons and not any(r in rules for r in ("modality", "colour")):
@@ -419,6 +432,7 @@ class Gate:
             tensors.update(g.tensors(name))
         header = {"version": GATE_VERSION, "threshold": self.threshold, "colour_limit": self.colour_limit,
                   "components": list(self.models), "norms": {k: list(v) for k, v in self.norms.items()},
+                  "offsets": self.offsets,
                   "thumb": THUMB, "stats_side": STATS_SIDE, "stat_names": list(STAT_NAMES), **self.meta}
         safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "gate": json.dumps(header)})
         return path
@@ -435,16 +449,17 @@ class Gate:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception:  # noqa: BLE001 - parse failure of a foreign or corrupt file
             raise ValueError(f"{path.name} is not a valid gate file") from None
-        if int(header.get("version", 0)) != GATE_VERSION:
+        if int(header.get("version", 0)) not in (1, GATE_VERSION):
             raise ValueError(f"{path.name}: gate version {header.get('version')} is not supported")
         if header.get("thumb") != THUMB or header.get("stat_names") != list(STAT_NAMES):
             raise ValueError(f"{path.name}: gate features differ from this version of the code; refit it")
         models = {name: _Gaussian.from_tensors(tensors, name) for name in header["components"]}
         norms = {k: (float(v[0]), float(v[1])) for k, v in header["norms"].items()}
         meta = {k: v for k, v in header.items()
-                if k not in ("version", "threshold", "colour_limit", "components", "norms", "thumb", "stats_side",
-                             "stat_names")}
-        return cls(models, norms, header["threshold"], meta, header.get("colour_limit", 0.1))
+                if k not in ("version", "threshold", "colour_limit", "components", "norms", "offsets", "thumb",
+                             "stats_side", "stat_names")}
+        return cls(models, norms, header["threshold"], meta, header.get("colour_limit", 0.1),
+                   offsets=header.get("offsets"))
 
     def matches(self, predictor) -> bool:
         """Whether this gate was fitted for ``predictor``'s weights (always True without an embedding part)."""
@@ -483,7 +498,6 @@ def model_fingerprint(predictor) -> str:
 # Fitting
 # --------------------------------------------------------------------------------------------
 
-ImageInput = "str | os.PathLike | bytes | XrayImage | np.ndarray"
 
 
 def augment_chest(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -610,7 +624,7 @@ def fit_gate(predictor, train_images: Sequence, val_images: Sequence, out_path: 
     if n_tr < 10 or n_va < 5:
         raise ValueError(f"too few readable images to fit a gate: {n_tr} train, {n_va} val")
     data = {"thumb": (tr.thumbs, va.thumbs, k_thumb), "stats": (tr.stats, va.stats, len(STAT_NAMES))}
-    if use_embedding and predictor is not None and tr.embeddings is not None:
+    if use_embedding and tr.embeddings is not None and va.embeddings is not None:
         data["embedding"] = (tr.embeddings, va.embeddings, k_embedding)
     groups = np.asarray(tr.kept)
     models, norms = {}, {}
@@ -620,7 +634,13 @@ def fit_gate(predictor, train_images: Sequence, val_images: Sequence, out_path: 
             models[name] = _Gaussian.fit(x, kk)
             norms[name] = _robust_norm(_oof_distances(x, kk, groups=groups, seed=seed))
     gate = Gate(models, norms, threshold=np.inf)
-    val_scores = gate.scores(va.thumbs, va.stats, va.embeddings if "embedding" in models else None)
+    val_z = gate.component_z(va.thumbs, va.stats, va.embeddings if "embedding" in models else None)
+    # Each component is first calibrated on its own (its 1 - target_fa / n quantile on val becomes
+    # 0; at least 5 val films above it, so that small val sets give stable offsets), then the
+    # combined score's 1 - target_fa quantile is the threshold.
+    q = min(1.0 - target_fa / len(val_z), 1.0 - 5.0 / n_va)
+    gate.offsets = {k: float(np.quantile(v, q)) for k, v in val_z.items()}
+    val_scores = gate.combine(val_z)
     threshold = float(np.quantile(val_scores, 1.0 - target_fa, method="higher"))
     gate.threshold = threshold
     gate.meta = {"target_fa": target_fa, "n_train": n_tr, "n_train_augmented": int(tr.augmented.sum()),
@@ -671,7 +691,7 @@ def chest_manifest(model_dir: str | os.PathLike, data_root: str | os.PathLike,
         raise FileNotFoundError(f"manifest not found: {manifest}")
     if found:
         df = pd.read_csv(found[0], usecols=["path", "patient", "source", "split"])
-        df["from"] = f"run manifest {found[0]}"
+        df["from"] = f"run manifest {found[0]}"  # (the path is printed, not stored in the gate)
     else:
         names = [s for s in SOURCES if s != "nih_full_res"]
         df = load_sources(names, data_root, labels, missing="drop")
@@ -768,7 +788,8 @@ def fit_from_folder(model_dir: str | os.PathLike, data_root: str | os.PathLike, 
     print_fn(f"fitting on {len(train)} train / calibrating on {len(val)} val chest X-rays "
              f"({df['from'].iloc[0]}); model {predictor.name} ({predictor.arch})")
     gate, stats = fit_gate(predictor, train, val, out, target_fa=target_fa, use_embedding=use_embedding,
-                           meta={"sources": sorted(parts["train"]), "split_from": str(df['from'].iloc[0])})
+                           meta={"sources": sorted(parts["train"]),
+                                 "split_from": str(df["from"].iloc[0]).split(" /")[0]})
     print_fn(f"threshold {stats.threshold:.3f} (val false alarm {stats.val_false_alarm:.1%}); "
              f"{time.perf_counter() - t0:.0f} s; saved to {stats.path}")
     rows = []
