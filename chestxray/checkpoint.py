@@ -87,8 +87,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, 
     out.mkdir(parents=True, exist_ok=True)
     if len(labels) != model.get_classifier().out_features:
         raise CheckpointError(f"{len(labels)} labels for a head with {model.get_classifier().out_features} outputs")
-    in_chans = int(model.pretrained_cfg.get("input_size", (1,))[0]) if hasattr(model, "pretrained_cfg") else 1
-    in_chans = getattr(model, "in_chans", None) or _first_conv_in_chans(model) or in_chans
+    in_chans = _first_conv_in_chans(model) or 1
     data_config = {"input_size": (in_chans, img_size, img_size), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
     block = {"label_set": name_set(labels) or "custom", "thresholds": dict(thresholds or {}), **(meta or {})}

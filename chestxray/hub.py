@@ -87,7 +87,7 @@ def resolve(ref: str, fallback: str | None = None) -> Path:
     if path.is_dir():
         return path
     shipped = weights_dir() / ref
-    if shipped.is_dir() and not os.sep in ref:
+    if shipped.is_dir() and os.sep not in ref:
         return shipped
     raise CheckpointError(f"unknown model {ref!r}: not a shipped name, a folder, or hf-hub:org/name")
 

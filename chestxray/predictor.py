@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ImageLike = "XrayImage | np.ndarray | str | os.PathLike | bytes"
 #: Longest side of the image kept for display and overlays (the model sees its own input size).
 DISPLAY_MAX = 768
 
