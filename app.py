@@ -327,8 +327,9 @@ class Service:
     def predict(self, file, model, method="gradcam", alpha=0.4):
         """Probabilities of every label (one forward pass), the label table, the top label's overlay."""
         name, predictor = self._predictor(model)
-        xray = read_image(_path(file))
-        a = predictor.analyze(xray)
+        path = _path(file)
+        xray = read_image(path)
+        a = predictor.analyze(xray, source=path)  # the original file lets the gate see colour (photos)
         # the display image (longest side <= 768, uint8) stands in for the film in later explain calls: it
         # bounds the memory a session holds, and every model input is far smaller
         state = {"model": name, "analysis": pack(a), "maps": {}}
@@ -353,11 +354,12 @@ class Service:
         """Every installed model on the same image: a label x model table and one overlay per model."""
         if not self.available:
             raise _error(NO_MODEL)
-        xray = read_image(_path(file))
+        path = _path(file)
+        xray = read_image(path)
         results, notes = {}, []
         for name in self.available:
             try:
-                results[name] = self.registry.get(name).analyze(xray)
+                results[name] = self.registry.get(name).analyze(xray, source=path)
             except CheckpointError as err:
                 notes.append(f"{name}: could not be loaded ({err})")
         if not results:
@@ -402,7 +404,7 @@ class Service:
             path = _path(f)
             row = {"file": _safe_cell(Path(path).name), "warning": "", "error": ""}
             try:
-                a = predictor.analyze(read_image(path))
+                a = predictor.analyze(read_image(path), source=path)
                 row.update({k: f"{p:.6f}" for k, p in a.prob_dict().items()})
                 row["warning"] = "; ".join(str(w) for w in getattr(a, "warnings", None) or [])
             except ImageReadError as err:

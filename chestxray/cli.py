@@ -68,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"skipped {f}: {err}", file=sys.stderr)
             continue
-        a = predictor.analyze(xray)
+        a = predictor.analyze(xray, source=f)  # the original file lets the gate see colour (photos)
         writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs)])
         for w in a.warnings:
             print(f"warning {f}: {w}", file=sys.stderr)

@@ -306,7 +306,8 @@ def test_input_gate_warning_is_shown(served, data_dir, monkeypatch):
     _, _, client = served
     real = Predictor.analyze
     text = "This does not look like a frontal chest X-ray"
-    monkeypatch.setattr(Predictor, "analyze", lambda self, image: (a := real(self, image), a.warnings.append(text))[0])
+    monkeypatch.setattr(Predictor, "analyze",
+                        lambda self, image, *args, **kw: (a := real(self, image, *args, **kw), a.warnings.append(text))[0])
     out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
     assert out[6]["visible"] is True and text in out[6]["value"]
     csv_path, _ = client.predict([handle_file(str(data_dir / NIH_IMAGE))], "tiny_eff", api_name="/batch")
