@@ -95,9 +95,15 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, 
                     # The weights are ours, not the ImageNet tag timm would carry over.
                     "pretrained_cfg": {"tag": "chestxray", "license": "apache-2.0"}}
     save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
-    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    state = model.state_dict()
+    safetensors.torch.save_file(half_state(state) if half else {k: v.contiguous() for k, v in state.items()},
+                                str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors as float16 (half the size; loading casts back to float32)."""
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
 def _first_conv_in_chans(model: nn.Module) -> int | None:

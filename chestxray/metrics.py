@@ -71,6 +71,13 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(_auroc_rows(np.ones((1, pos_idx.size)), np.ones((1, neg_idx.size)), lo, hi)[0])
 
 
+def mean_auroc(Y: np.ndarray, P: np.ndarray) -> float:
+    """Macro mean AUROC over the labels (columns) with both classes known; NaN if there are none."""
+    aucs = [auroc(Y[:, k], P[:, k]) for k in range(Y.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC points for one label (NaN targets ignored).
 

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import safetensors.torch
 
-from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_folder, weights_dir
+from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, weights_dir
 from chestxray.evaluate import SPLITS_FILE, evaluate_manifest, predict_paths
-from chestxray.metrics import auroc
+from chestxray.metrics import mean_auroc
 from chestxray.modelcard import write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
@@ -32,14 +32,8 @@ HEADLINE = "nih384"
 
 
 def _half_copy(src: Path, dst: Path) -> None:
-    state = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    state = half_state(safetensors.torch.load_file(str(src / WEIGHTS_FILE)))
     safetensors.torch.save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
-
-
-def _mean_auc(Y: np.ndarray, P: np.ndarray) -> float:
-    aucs = [auroc(Y[:, k], P[:, k]) for k in range(Y.shape[1])]
-    return float(np.nanmean([a for a in aucs if not np.isnan(a)]))
 
 
 def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLike | None = None,
@@ -76,7 +70,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     p32, _ = predict_paths(Predictor(load_folder(best), device="cpu"), list(test["path"]), progress=progress)
     Y = test[predictor.labels].to_numpy(np.float64)
     half_check = {"max_abs_prob_diff": float(np.nanmax(np.abs(p32 - p16))),
-                  "mean_auroc_fp32": round(_mean_auc(Y, p32), 5), "mean_auroc_fp16": round(_mean_auc(Y, p16), 5),
+                  "mean_auroc_fp32": round(mean_auroc(Y, p32), 5), "mean_auroc_fp16": round(mean_auroc(Y, p16), 5),
                   "size_fp32_mb": round((best / WEIGHTS_FILE).stat().st_size / 2**20, 2),
                   "size_fp16_mb": round((tmp / WEIGHTS_FILE).stat().st_size / 2**20, 2)}
     log_path = run / "log.csv"

@@ -28,7 +28,7 @@ from chestxray.checkpoint import save_checkpoint
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache, load_sources,
                             masked_bce_loss, patient_split, pos_weights, read_manifest, split_from_lists)
 from chestxray.labels import get_label_set
-from chestxray.metrics import auroc, choose_threshold
+from chestxray.metrics import choose_threshold, mean_auroc
 from chestxray.models import create_model
 from chestxray.transforms import GRAY_MEAN, GRAY_STD, normalize
 
@@ -250,12 +250,6 @@ class Trainer:
             ys.append(y.numpy())
         return np.concatenate(ys), np.concatenate(ps)
 
-    def mean_auroc(self, y: np.ndarray, p: np.ndarray) -> float:
-        """Macro mean AUROC over labels with both classes present (NaN targets ignored)."""
-        aucs = [auroc(y[:, k], p[:, k]) for k in range(y.shape[1])]
-        aucs = [a for a in aucs if not math.isnan(a)]
-        return float(np.mean(aucs)) if aucs else float("nan")
-
     # -- state --------------------------------------------------------------------------------
     def save_state(self, epoch: int, best: float, bad_epochs: int, step: int) -> None:
         """Writes ``last_state.safetensors`` + ``.json``: everything needed to resume, no pickle."""
@@ -344,7 +338,7 @@ class Trainer:
                     y, p = y[keep], p[keep]
                 val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)),
                                                  torch.from_numpy(y)))
-                val_auc = self.mean_auroc(y, p)
+                val_auc = mean_auroc(y, p)
                 if cfg.schedule == "plateau":
                     self.sched.step(val_auc if not math.isnan(val_auc) else 0.0)
                 improved = not math.isnan(val_auc) and val_auc > best
