@@ -178,20 +178,26 @@ def card_markdown(card: dict) -> str:
         data.append(" / ".join(f"{v} {k}" for k, v in c["n_images"].items()) + " images")
     if c.get("split"):
         data.append(f"{c['split']}-wise split")
-    if "pretrained" in c:
+    if c.get("initialised_from"):
+        data.append("initialised from " + str(c["initialised_from"]).split(",")[0])
+    elif "pretrained" in c:
         data.append("ImageNet-pretrained" if c["pretrained"] else "trained from scratch")
+    if c.get("taught_by"):
+        data.append("taught by " + str(c["taught_by"]))
     if data:
         lines.append("Training data: " + "; ".join(data) + ".")
 
     def ci_text(ci):
         return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
 
-    if "val_mean_auroc" in c:
-        lines.append(f"Validation mean AUROC: **{c['val_mean_auroc']:.3f}**{ci_text(c.get('val_mean_auroc_ci'))}.")
-    for split, m in (c.get("metrics") or {}).items():
+    for split, m in (c.get("metrics") or {}).items():  # the headline (balanced NIH films) comes first
         n = f" on {m['n_images']} images" if "n_images" in m else ""
-        lines.append(f"{str(split).capitalize()} mean AUROC: **{m['mean_auroc']:.3f}**"
+        lines.append(f"{split[:1].upper()}{split[1:]}: mean AUROC **{m['mean_auroc']:.3f}**"
                      f"{ci_text(m.get('mean_auroc_ci'))}{n}.")
+    if "val_mean_auroc" in c:
+        on = " (" + ", ".join(map(str, c["val_sources"])) + ")" if isinstance(c.get("val_sources"), list) else ""
+        lines.append(f"Validation mean AUROC{on}: {c['val_mean_auroc']:.3f}"
+                     f"{ci_text(c.get('val_mean_auroc_ci'))}.")
     if c.get("thresholds"):
         rule = f" ({c['threshold_rule']} rule, chosen on validation)" if c.get("threshold_rule") else ""
         lines.append(f"Operating thresholds{rule}: " + ", ".join(f"{k} {v:.2f}" for k, v in c["thresholds"].items())

@@ -6,6 +6,7 @@ same folders with ``timm.create_model("local-dir:<folder>", pretrained=True)``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(not p.is_contiguous() for p in model.parameters()):  # channels_last training: timm's saver refuses
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     if len(labels) != model.get_classifier().out_features:
         raise CheckpointError(f"{len(labels)} labels for a head with {model.get_classifier().out_features} outputs")
     in_chans = _first_conv_in_chans(model) or 1

@@ -1,7 +1,9 @@
 """Manifests, patient-wise splits and the masked multi-label loss.
 
 A *manifest* is a DataFrame with one row per image: ``path`` (absolute), ``patient`` (namespaced,
-e.g. ``"nih:100"``), ``source``, ``view`` and one float32 column per label holding 1.0 / 0.0 / NaN.
+e.g. ``"nih:100"``), ``source``, ``cohort`` (the sample within a source, e.g. NIH's label-balanced
+``reproduce_chexnet`` films; the source's name where the label file names none), ``view`` and one
+float32 column per label holding 1.0 / 0.0 / NaN.
 NaN means *unknown* (the source does not annotate that finding) and is masked out of the loss;
 it is never read as "negative". The image cache, datasets and batch augmentation live in
 :mod:`chestxray.cache` and are re-exported here.
@@ -26,7 +28,7 @@ from chestxray.labels import NO_FINDING, canonical, parse_findings
 
 log = logging.getLogger(__name__)
 
-BASE_COLUMNS = ("path", "patient", "source", "view")
+BASE_COLUMNS = ("path", "patient", "source", "cohort", "view")
 SPLITS = ("train", "val", "test")
 
 #: Shared-data sources: paths relative to the data root. ``patient_prefix`` is the patient
@@ -85,8 +87,8 @@ def _binary(value: str) -> float:
 def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, labels: Sequence[str],
                   source: str, annotated: Sequence[str] | None = None, path_col: str = "Image Index",
                   findings_col: str = "Finding Labels", patient_col: str = "Patient ID",
-                  view_col: str = "View Position", patient_prefix: str | None = None,
-                  missing: str = "warn") -> pd.DataFrame:
+                  view_col: str = "View Position", cohort_col: str = "source",
+                  patient_prefix: str | None = None, missing: str = "warn") -> pd.DataFrame:
     """Reads one label file into a manifest (see the module docstring for the columns).
 
     Two layouts are detected: NIH's pipe-joined ``findings_col`` ("No Finding" for none; an empty
@@ -101,6 +103,8 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
         images_dir: folder the ``path_col`` entries are relative to.
         labels: the label set (column order of the result).
         source: source name stored in the ``source`` column.
+        cohort_col: column naming the sample an image belongs to (NIH's ``source``: the balanced
+            ``reproduce_chexnet`` films vs others); blank or absent -> ``source``.
         annotated: labels this source annotates (default: all).
         patient_prefix: patient namespace (default ``source``); ``"{prefix}:{id}"``. Without a
             patient column the image file name is the patient (one image per patient).
@@ -141,7 +145,7 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
                 elif label in annotated_set:
                     values[i, j] = 1.0 if label in positive else 0.0
     else:  # layout (b): one column per label
-        columns = {canonical(c): c for c in raw.columns if c not in (path_col, patient_col, view_col)}
+        columns = {canonical(c): c for c in raw.columns if c not in (path_col, patient_col, view_col, cohort_col)}
         label_cols = [c for c in columns if c in set(labels) or c == NO_FINDING]
         if not label_cols:
             raise ValueError(f"{csv_path}: neither {findings_col!r} nor any label column of {labels}")
@@ -166,8 +170,9 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
         log.info("%s: %s", source, notes[-1])
     view = list(raw[view_col].str.strip().replace("", None)) if view_col in raw.columns else [None] * len(raw)
 
+    cohort = ([c.strip() or source for c in raw[cohort_col]] if cohort_col in raw.columns else [source] * len(raw))
     df = pd.DataFrame({"path": paths, "patient": [f"{prefix}:{pid}" for pid in ids], "source": source,
-                       "view": pd.Series(view, dtype=object)})
+                       "cohort": pd.Series(cohort, dtype=object), "view": pd.Series(view, dtype=object)})
     for j, label in enumerate(labels):
         df[label] = values[:, j]
     df.attrs["notes"] = notes
@@ -251,6 +256,43 @@ def patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0
         need_n[best] -= n_images[i] / fracs[best]
         need[best] = need[best] - counts[i] / fracs[best]
     return pd.Series([assignment[p] for p in df["patient"]], index=df.index, name="split", dtype=object)
+
+
+def parse_cohort_fracs(specs: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """``["reproduce_chexnet=0.25:0.25"]`` -> ``{"reproduce_chexnet": (0.25, 0.25)}`` (val, test)."""
+    out = {}
+    for spec in specs:
+        name, sep, fracs = spec.partition("=")
+        val, sep2, test = fracs.partition(":")
+        try:
+            out[name.strip()] = (float(val), float(test))
+        except ValueError:
+            raise ValueError(f"cohort split {spec!r}: expected NAME=VAL_FRAC:TEST_FRAC") from None
+        if not (sep and sep2):
+            raise ValueError(f"cohort split {spec!r}: expected NAME=VAL_FRAC:TEST_FRAC")
+    return out
+
+
+def cohort_patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0,
+                         cohort_fracs: dict[str, tuple[float, float]] | None = None) -> pd.Series:
+    """:func:`patient_split` with larger held-out shares for chosen cohorts.
+
+    A small, label-balanced sample (NIH's 319 ``reproduce_chexnet`` films) is the only fair test
+    of the 14 findings, so it gets its own (val, test) fractions: every patient with an image in
+    such a cohort is split within that cohort's group (all of the patient's images follow), the
+    remaining patients with the default fractions. Patients never cross splits.
+    """
+    split = pd.Series("train", index=df.index, name="split", dtype=object)
+    rest = np.ones(len(df), dtype=bool)
+    for cohort, (v, t) in (cohort_fracs or {}).items():
+        patients = set(df.loc[(df["cohort"] == cohort).to_numpy() & rest, "patient"])
+        rows = df["patient"].isin(patients).to_numpy() & rest
+        if rows.any():
+            split[rows] = patient_split(df[rows], v, t, seed=seed).to_numpy()
+            rest &= ~rows
+    if rest.any():
+        split[rest] = patient_split(df[rest], val_frac, test_frac, seed=seed).to_numpy()
+    return split
 
 
 def read_name_list(path_or_names: str | os.PathLike | Iterable[str]) -> list[str]:

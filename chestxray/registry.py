@@ -134,7 +134,8 @@ class ModelRegistry:
             "thresholds": {k: float(v) for k, v in (meta.get("thresholds") or {}).items() if _is_num(v)},
             "source": self.entries[name].hub if folder.parent != weights_dir() else f"weights/{folder.name}",
         }
-        for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources"):
+        for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources",
+                    "initialised_from", "taught_by"):
             if training.get(key) is not None:
                 card[key] = training[key]
         if _is_num(training.get("val_mean_auroc")):
@@ -154,17 +155,33 @@ def _ci(ci: Any) -> list[float] | None:
 
 
 def _metrics_summary(meta: dict) -> dict[str, Any]:
-    """``{split: {mean_auroc, mean_auroc_ci?, n_images?}}`` from whatever evaluation block is present."""
+    """``{title: {mean_auroc, mean_auroc_ci?, n_images?}}`` from whatever evaluation block is present.
+
+    A release's per-group block (``mean_auroc: {group: value}``) gives one entry per group, the
+    headline group (NIH's label-balanced films) first and the mixed NIH set second.
+    """
+    from chestxray.modelcard import GROUP_NAMES
+
     out: dict[str, Any] = {}
     for key in ("metrics", "evaluation", "test"):
         block = meta.get(key)
         if not isinstance(block, dict):
             continue
-        flat = {str(block.get("split") or ("test" if key == "test" else "evaluation")): block}
-        for split, m in (flat if "mean_auroc" in block else block).items():
+        split = str(block.get("split") or ("test" if key == "test" else "evaluation"))
+        if isinstance(block.get("mean_auroc"), dict):  # per group
+            cis = block.get("mean_auroc_ci") if isinstance(block.get("mean_auroc_ci"), dict) else {}
+            ns = block.get("n_test_images") if isinstance(block.get("n_test_images"), dict) else {}
+            first = [block.get("headline_group"), block.get("mixed_group")]
+            groups = sorted(block["mean_auroc"], key=lambda g: (g not in first, first.index(g) if g in first else 0, g))
+            flat = {f"{split}, {GROUP_NAMES.get(g, g)}": {"mean_auroc": block["mean_auroc"][g],
+                                                           "mean_auroc_ci": cis.get(g), "n_images": ns.get(g)}
+                    for g in groups}
+        else:
+            flat = {split: block} if "mean_auroc" in block else block
+        for title, m in flat.items():
             if not isinstance(m, dict) or not _is_num(m.get("mean_auroc")):
                 continue
-            out[split] = {"mean_auroc": float(m["mean_auroc"])}
-            out[split].update({"mean_auroc_ci": ci} if (ci := _ci(m.get("mean_auroc_ci"))) else {})
-            out[split].update({"n_images": int(m["n_images"])} if _is_num(m.get("n_images")) else {})
+            out[title] = {"mean_auroc": float(m["mean_auroc"])}
+            out[title].update({"mean_auroc_ci": ci} if (ci := _ci(m.get("mean_auroc_ci"))) else {})
+            out[title].update({"n_images": int(m["n_images"])} if _is_num(m.get("n_images")) else {})
     return out

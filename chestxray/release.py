@@ -21,14 +21,18 @@ import pandas as pd
 import safetensors.torch
 
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, weights_dir
-from chestxray.evaluate import SPLITS_FILE, evaluate_manifest, predict_paths
+from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths
 from chestxray.metrics import mean_auroc
 from chestxray.modelcard import write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
 
 log = logging.getLogger(__name__)
-HEADLINE = "nih384"
+#: The headline: NIH's label-balanced films (every finding has positives and abnormal negatives).
+HEADLINE = BALANCED_COHORT
+#: Beside it, all NIH test films at 384 px: mostly No Finding / Pneumonia, so a model that only
+#: tells normal from abnormal scores high there.
+MIXED = "nih384"
 
 
 def _half_copy(src: Path, dst: Path) -> None:
@@ -64,8 +68,10 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         test["path"] = [str(Path(data_root) / Path(p).resolve().relative_to(root)) for p in test["path"]]
     predictor = Predictor(load_folder(tmp), device="cpu")
     p16, _ = predict_paths(predictor, list(test["path"]), progress=progress)
+    headline = HEADLINE if "cohort" in test.columns and (test["cohort"] == HEADLINE).any() else MIXED
     metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress, probs=p16,
-                                title=f"{name}: ROC on held-out test patients")
+                                plot_group=headline,
+                                title=f"{name}: ROC on held-out test patients ({headline})")
     # float16 vs float32: same images, same path.
     p32, _ = predict_paths(Predictor(load_folder(best), device="cpu"), list(test["path"]), progress=progress)
     Y = test[predictor.labels].to_numpy(np.float64)
@@ -82,16 +88,19 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     cfg = json.loads((tmp / CONFIG_FILE).read_text())
     groups = metrics.get("by_group", {})
     cfg["chestxray"]["metrics"] = {
-        "split": "test", "headline_source": HEADLINE,
-        "mean_auroc": {g: m["mean_auroc"] for g, m in groups.items()} or {"all": metrics["mean_auroc"]},
-        "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()} or {"all": metrics["mean_auroc_ci"]},
-        "auroc": {k: v["auroc"] for k, v in groups.get(HEADLINE, metrics)["labels"].items()},
+        "split": "test", "headline_group": headline, "mixed_group": MIXED,
+        "mean_auroc": {g: m["mean_auroc"] for g, m in groups.items()},
+        "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()},
+        "auroc": {k: v["auroc"] for k, v in groups.get(headline, metrics)["labels"].items()},
         "n_test_images": {g: m["n_images"] for g, m in groups.items()},
+        "pneumonia_auroc": {g: m["labels"].get("Pneumonia", {}).get("auroc") for g, m in groups.items()},
+        "flags_per_normal_film": {g: m.get("flags_per_normal_film") for g, m in groups.items()},
         "float16_check": half_check,
     }
     cfg["chestxray"]["training"]["recipe"] = {k: train_cfg[k] for k in
                                               ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
-                                               "schedule", "augment", "pos_weight_max", "source_caps", "seed")
+                                               "schedule", "augment", "pos_weight_max", "source_caps", "seed",
+                                               "pretrained", "teacher", "kd_weight", "cohort_fracs")
                                               if k in train_cfg}
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
 
@@ -120,7 +129,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         f"python -m chestxray evaluate --model {name} --data-root ../shared/data "
         + " ".join(f"--source {s}" for s in sorted(test['source'].unique()))
         + f" --split test --out eval/{name}\n```")
-    write_model_card(tmp, name=name, config=cfg, metrics=metrics, headline_group=HEADLINE,
+    write_model_card(tmp, name=name, config=cfg, metrics=metrics, headline_group=headline, mixed_group=MIXED,
                      extra_sections=extra, repo_id=repo_id)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -132,13 +141,16 @@ def summary_row(folder: Path) -> dict[str, Any]:
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     m = cfg.get("chestxray", {}).get("metrics", {})
     t = cfg.get("chestxray", {}).get("training", {})
+    val_sources = t.get("val_sources")
     return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.get("val_mean_auroc"),
+            "val_sources": val_sources if isinstance(val_sources, list) else None,
+            "headline_group": m.get("headline_group", m.get("headline_source")),
             "mean_auroc": m.get("mean_auroc", {}), "mean_auroc_ci": m.get("mean_auroc_ci", {}),
             "size_mb": round((folder / WEIGHTS_FILE).stat().st_size / 2**20, 1)}
 
 
 def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | None = None) -> str:
-    """Makes the shipped model with the best validation mean AUROC (NIH images) the app's default.
+    """Makes the shipped model with the best validation mean AUROC (NIH's balanced films) the default.
 
     Sets ``default:`` in ``models.yaml`` and says so, with the comparison, in that model's card.
     """
@@ -147,14 +159,22 @@ def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | 
     root = Path(dest_root or weights_dir())
     rows = [summary_row(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file() and p.suffix != ".tmp"]
     rows = [r for r in rows if r["val_mean_auroc"] is not None]
+    # Only a selection on balanced validation films is a fair comparison; older models chosen on
+    # a mixed validation set compete only when no model was selected the fair way.
+    balanced = [r for r in rows if HEADLINE in (r["val_sources"] or [])]
+    rows = balanced or rows
     best = max(rows, key=lambda r: r["val_mean_auroc"])
     path = Path(models_yaml)
     path.write_text(re.sub(r"(?m)^default:.*$", f"default: {best['name']}", path.read_text(), count=1))
     others = ", ".join(f"{r['name']} {r['val_mean_auroc']:.3f}" for r in rows if r is not best)
-    section = (f"\n## The app's default model\n\nThis is the demo's default model: the best of the {len(rows)} shipped "
-               f"models by validation mean AUROC on NIH images ({best['val_mean_auroc']:.3f}; {others}).\n")
+    on = "NIH's label-balanced validation films" if balanced else "NIH validation images"
+    section = (f"\n## The app's default model\n\nThis is the demo's default model: the best of the {len(rows)} "
+               f"comparable shipped models by validation mean AUROC on {on} ({best['val_mean_auroc']:.3f}"
+               f"{'; ' + others if others else ''}).\n")
+    marker = "\n## The app's default model\n"
+    for card in root.glob("*/README.md"):
+        if marker in (text := card.read_text()):  # the default may have moved: only one card says it
+            card.write_text(text[:text.index(marker)].rstrip("\n") + "\n")
     card = root / best["name"] / "README.md"
-    text = card.read_text()
-    if "## The app's default model" not in text:
-        card.write_text(text + section)
+    card.write_text(card.read_text() + section)
     return best["name"]

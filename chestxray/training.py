@@ -25,8 +25,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chestxray.checkpoint import save_checkpoint
-from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache, load_sources,
-                            masked_bce_loss, patient_split, pos_weights, read_manifest, split_from_lists)
+from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
+                            cohort_patient_split, load_sources, masked_bce_loss, parse_cohort_fracs, pos_weights,
+                            read_manifest, split_from_lists)
+from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.metrics import choose_threshold, mean_auroc
 from chestxray.models import create_model
@@ -46,7 +48,9 @@ class TrainConfig:
     csv: str | None = None  # a custom label CSV instead of shared sources (with --images)
     images: str | None = None
     source_caps: list[str] = field(default_factory=list)  # e.g. ["kermany=500"]: at most N training images
-    val_sources: list[str] = field(default_factory=list)  # model selection + thresholds on these (default all)
+    # Model selection + thresholds on the val images of these sources or cohorts (default: all).
+    val_sources: list[str] = field(default_factory=list)
+    cohort_fracs: list[str] = field(default_factory=list)  # e.g. ["reproduce_chexnet=0.25:0.25"] (val:test)
     split: str = "patient"  # "patient" (seeded patient-wise) or "lists" (train/val/test lists below)
     train_list: str | None = None
     val_list: str | None = None
@@ -64,8 +68,11 @@ class TrainConfig:
     augment: float = 1.0
     drop_rate: float = 0.2
     pretrained: bool = False
+    teacher: list[str] = field(default_factory=list)  # distil from these checkpoints (soft targets)
+    kd_weight: float = 1.0  # loss = BCE(known labels) + kd_weight * BCE(teacher probabilities)
+    split_from: str | None = None  # keep an earlier run's split (a teacher's) for the images it had
     amp: bool = True  # bf16/fp16 autocast on GPU only
-    channels_last: bool = True  # on GPU only
+    channels_last: bool = True  # NHWC memory layout: faster on GPUs and, for these convnets, ~1.5x on CPU
     patience: int = 5  # early stopping on validation mean AUROC
     threshold_rule: str = "youden"
     seed: int = 0
@@ -108,11 +115,22 @@ def build_manifest(cfg: TrainConfig, labels: list[str]):
         df = read_manifest(cfg.csv, cfg.images or Path(cfg.csv).parent, labels, source=Path(cfg.csv).stem)
     else:
         df = load_sources(cfg.sources, cfg.data_root, labels)
-    if cfg.split == "lists":
+    if cfg.split_from:
+        # The teacher's val/test patients stay out of training; images it never had are split anew.
+        known = splits_from_run(df, cfg.split_from)
+        per_patient = known.dropna().groupby(df["patient"]).first()
+        split = df["patient"].map(per_patient)
+        new = split.isna().to_numpy()
+        if new.any():
+            split[new] = cohort_patient_split(df[new], cfg.val_frac, cfg.test_frac, seed=cfg.seed,
+                                              cohort_fracs=parse_cohort_fracs(cfg.cohort_fracs)).to_numpy()
+        df["split"] = split.astype(object)
+    elif cfg.split == "lists":
         df["split"] = split_from_lists(df, cfg.train_list, cfg.val_list, cfg.test_list, seed=cfg.seed,
                                        val_frac=cfg.val_frac)
     else:
-        df["split"] = patient_split(df, cfg.val_frac, cfg.test_frac, seed=cfg.seed)
+        df["split"] = cohort_patient_split(df, cfg.val_frac, cfg.test_frac, seed=cfg.seed,
+                                           cohort_fracs=parse_cohort_fracs(cfg.cohort_fracs))
     df = df[df["split"] != "unused"].reset_index(drop=True)
     assert_patient_disjoint(df)
     caps = {name: int(n) for name, _, n in (c.partition("=") for c in cfg.source_caps)}
@@ -152,6 +170,12 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _run_name(ref: str) -> str:
+    """A checkpoint reference's display name (a run's ``best`` folder is named after its run)."""
+    path = Path(ref)
+    return path.parent.name if path.name == "best" else path.name
+
+
 class Trainer:
     """One training run. ``run()`` returns the path of the best checkpoint folder."""
 
@@ -183,6 +207,16 @@ class Trainer:
         self.sets = {s: XrayDataset(self.cache, self.df[self.df["split"] == s], self.labels)
                      for s in ("train", "val", "test")}
         self.pos_weight = pos_weights(self.sets["train"].df, self.labels, cfg.pos_weight_max)
+        if cfg.teacher:  # soft targets ride along as K extra target columns of the training set
+            train = self.sets["train"]
+            if self.rank == 0:
+                soft = teacher_probs(cfg.teacher, self.cache, list(train.df["path"]), self.labels, self.out,
+                                     progress=True)
+            if self.world > 1:
+                dist.barrier()
+                if self.rank != 0:
+                    soft = teacher_probs(cfg.teacher, self.cache, list(train.df["path"]), self.labels, self.out)
+            train.targets = torch.cat([train.targets, torch.from_numpy(soft)], dim=1)
 
     def loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
         """A DataLoader over cached uint8 images (cheap: augmentation happens later, on the batch)."""
@@ -202,7 +236,7 @@ class Trainer:
         cfg = self.cfg
         self.model = create_model(cfg.arch, len(self.labels), img_size=cfg.img_size, pretrained=cfg.pretrained,
                                   drop_rate=cfg.drop_rate).to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
+        if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model
         if self.world > 1:
@@ -234,7 +268,7 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         x = batch_augment(x, gen, strength=self.cfg.augment) if train else x.float().div_(255.0)
         x = normalize(x, self.mean, self.std, 1)
-        if self.cfg.channels_last and self.device.type == "cuda":
+        if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -284,7 +318,11 @@ class Trainer:
                              "val_sources": list(self.cfg.val_sources) or "all",
                              "split": self.cfg.split, "seed": self.cfg.seed,
                              "n_images": {s: len(d) for s, d in self.sets.items()},
-                             "pretrained": self.cfg.pretrained, "img_size": self.cfg.img_size}}
+                             "pretrained": self.cfg.pretrained, "img_size": self.cfg.img_size,
+                             "initialised_from": getattr(self.model, "init_report", "random (from scratch)"),
+                             "taught_by": (f"teacher {' + '.join(_run_name(t) for t in self.cfg.teacher)} "
+                                           f"(soft targets, kd_weight {self.cfg.kd_weight}) and the labels where known"
+                                           if self.cfg.teacher else "the labels")}}
         return save_checkpoint(self.model, self.out / "best", arch=self.cfg.arch, labels=self.labels,
                                img_size=self.cfg.img_size, mean=self.mean, std=self.std, thresholds=thresholds,
                                meta=meta, half=False)
@@ -316,7 +354,11 @@ class Trainer:
             for x, y in bar:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                     logits = self.net(self._inputs(x, True, gen))
-                loss = masked_bce_loss(logits.float(), y.to(self.device), self.pos_weight)
+                y = y.to(self.device)
+                k = len(self.labels)
+                loss = masked_bce_loss(logits.float(), y[:, :k], self.pos_weight)
+                if cfg.teacher:
+                    loss = loss + cfg.kd_weight * masked_bce_loss(logits.float(), y[:, k:])
                 self.opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.opt)
@@ -333,8 +375,9 @@ class Trainer:
             stop = False
             if self.rank == 0:
                 y, p = self.predict("val")
-                if cfg.val_sources:  # select and set thresholds on e.g. NIH images only
-                    keep = self.sets["val"].df["source"].isin(cfg.val_sources).to_numpy()
+                if cfg.val_sources:  # select and set thresholds on e.g. NIH's balanced films only
+                    vdf = self.sets["val"].df
+                    keep = (vdf["source"].isin(cfg.val_sources) | vdf["cohort"].isin(cfg.val_sources)).to_numpy()
                     y, p = y[keep], p[keep]
                 val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)),
                                                  torch.from_numpy(y)))

@@ -18,7 +18,12 @@ MODELS = ("tiny_eff", "tiny_res")
 META = {"training": {"val_mean_auroc": 0.6123, "val_mean_auroc_ci": [0.58, 0.64], "sources": ["nih384"],
                      "n_images": {"train": 10, "val": 5}, "split": "patient", "threshold_rule": "youden",
                      "pretrained": False},
-        "metrics": {"test": {"mean_auroc": 0.6, "mean_auroc_ci": [0.55, 0.65], "n_images": 40}}}
+        # The block `release` writes: one entry per test group, the balanced NIH films the headline.
+        "metrics": {"split": "test", "headline_group": "reproduce_chexnet", "mixed_group": "nih384",
+                    "mean_auroc": {"kermany": 0.9, "nih384": 0.7, "reproduce_chexnet": 0.6},
+                    "mean_auroc_ci": {"kermany": [0.85, 0.95], "nih384": [0.65, 0.75],
+                                      "reproduce_chexnet": [0.55, 0.65]},
+                    "n_test_images": {"kermany": 30, "nih384": 60, "reproduce_chexnet": 40}}}
 
 
 def _yaml(path: Path, names, default=None) -> Path:
@@ -208,7 +213,11 @@ def test_batch_csv(served, data_dir, bad_corpus):
 def test_model_card(served):
     _, _, client = served
     card = client.predict("tiny_eff", api_name="/model_card")
-    assert "0.612" in card and "0.580-0.640" in card and "Test mean AUROC" in card and "youden" in card
+    assert "0.612" in card and "0.580-0.640" in card and "youden" in card
+    balanced = card.index("Test, NIH, label-balanced films (reproduce_chexnet sample): mean AUROC **0.600** "
+                          "(95% CI 0.550-0.650) on 40 images")
+    assert balanced < card.index("Test, NIH, all 384-px test films (mixed): mean AUROC **0.700**")
+    assert card.index("Test, Kermany pediatric (children): mean AUROC **0.900**") > balanced
     card = client.predict("tiny_res", api_name="/model_card")  # no training block: still a card
     assert "resnet10t" in card and "Operating thresholds" in card
 
@@ -279,7 +288,10 @@ def test_registry_hf_cache(env, tmp_path, monkeypatch):
     assert r.get("cached").ckpt.path == snap
     card = r.card("cached")
     assert card["arch"] == "test_efficientnet" and card["val_mean_auroc"] == pytest.approx(0.6123)
-    assert card["metrics"]["test"]["mean_auroc_ci"] == [0.55, 0.65] and len(card["thresholds"]) == 15
+    first = next(iter(card["metrics"]))  # the balanced NIH films come first
+    assert first == "test, NIH, label-balanced films (reproduce_chexnet sample)"
+    assert card["metrics"][first] == {"mean_auroc": 0.6, "mean_auroc_ci": [0.55, 0.65], "n_images": 40}
+    assert len(card["metrics"]) == 3 and len(card["thresholds"]) == 15
 
 
 def test_registry_card_is_defensive(env, tmp_path, monkeypatch):

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chestxray.data import (assert_patient_disjoint, batch_augment, build_cache, default_sources,
-                            load_sources, masked_bce_loss, patient_split, pos_weights, read_manifest,
-                            split_from_lists, RawXrayDataset, XrayDataset)
+from chestxray.data import (assert_patient_disjoint, batch_augment, build_cache, cohort_patient_split,
+                            default_sources, load_sources, masked_bce_loss, parse_cohort_fracs, patient_split,
+                            pos_weights, read_manifest, split_from_lists, RawXrayDataset, XrayDataset)
 from chestxray.labels import NIH14, NO_FINDING, get_label_set
 from chestxray.transforms import resize_gray
 
@@ -43,8 +43,9 @@ def row(df, name):
 
 
 def test_nih_manifest(nih):
-    assert list(nih.columns[:4]) == ["path", "patient", "source", "view"]
-    assert list(nih.columns[4:]) == LABELS and all(nih[c].dtype == np.float32 for c in LABELS)
+    assert list(nih.columns[:5]) == ["path", "patient", "source", "cohort", "view"]
+    assert list(nih.columns[5:]) == LABELS and all(nih[c].dtype == np.float32 for c in LABELS)
+    assert nih["cohort"].value_counts().to_dict() == {"darkcovidnet": 775, "reproduce_chexnet": 319}
     assert len(nih) == 1094 and nih["path"].map(os.path.isabs).all() and os.path.exists(nih["path"].iat[0])
     r = row(nih, "00000100_000.png")
     positive = {c for c in LABELS if r[c] == 1.0}
@@ -128,6 +129,29 @@ def test_patient_split(nih64):
     image_level = pd.Series(np.where(np.arange(len(df)) % 5 == 0, "test", "train"), index=df.index)
     with pytest.raises(ValueError, match="nih:"):
         assert_patient_disjoint(df, image_level)
+
+
+def test_balanced_cohort_gets_its_own_held_out_share(data_dir):
+    """NIH's 319 label-balanced films: a quarter of their patients each in val and test, every finding
+    present in both, the rest split 15/15, and no patient in two splits (NIH folders share patients)."""
+    df = load_sources(["nih384", "nih64"], data_dir, NIH14)
+    assert set(df.loc[df["source"] == "nih64", "cohort"]) == {"kcr2019_64px"}
+    fracs = parse_cohort_fracs(["reproduce_chexnet=0.25:0.25"])
+    assert fracs == {"reproduce_chexnet": (0.25, 0.25)}
+    split = cohort_patient_split(df, 0.15, 0.15, seed=0, cohort_fracs=fracs)
+    assert_patient_disjoint(df, split)
+    balanced = (df["cohort"] == "reproduce_chexnet").to_numpy()
+    share = split[balanced].value_counts()
+    assert share["val"] >= 70 and share["test"] >= 70 and share["train"] >= 140
+    for label in NIH14:  # each finding has positives in the balanced val and test films
+        for s in ("val", "test"):
+            assert (df.loc[balanced & (split == s).to_numpy(), label] == 1.0).sum() >= 1, (label, s)
+    others = ~df["patient"].isin(set(df.loc[balanced, "patient"])).to_numpy()
+    rest = split[others].value_counts(normalize=True)
+    assert 0.12 < rest["val"] < 0.18 and 0.12 < rest["test"] < 0.18
+    assert split.equals(cohort_patient_split(df, 0.15, 0.15, seed=0, cohort_fracs=fracs))  # seeded
+    with pytest.raises(ValueError, match="NAME=VAL_FRAC:TEST_FRAC"):
+        parse_cohort_fracs(["reproduce_chexnet=0.25"])
 
 
 def test_chexnet_lists(data_dir, nih):

@@ -103,6 +103,26 @@ def test_threshold_matches_brute_force(rule: str) -> None:
     assert score(t) == pytest.approx(max(score(c) for c in np.unique(p)))
 
 
+@pytest.mark.parametrize("spec", [0.9, 0.95])
+def test_specificity_rule_is_the_most_sensitive_threshold_within_the_bound(spec: float) -> None:
+    Y, P = _data(seed=4)
+    y, p = Y[:, 3], P[:, 3]
+    t = M.choose_threshold(y, p, f"spec{int(spec * 100)}")
+    neg, pos = p[y == 0], p[y == 1]
+    assert (neg < t).mean() >= spec
+    ok = [c for c in np.unique(p) if (neg < c).mean() >= spec]  # every threshold within the bound
+    assert (pos >= t).sum() == max((pos >= c).sum() for c in ok)
+
+
+def test_flags_on_normal_films() -> None:
+    labels = ["A", "B", "No Finding"]
+    Y = np.array([[0, 0, 1], [0, 0, 1], [1, 0, 0]], dtype=float)
+    P = np.array([[0.9, 0.9, 0.1], [0.2, 0.9, 0.9], [0.9, 0.9, 0.0]])
+    assert M.flags_on_normal_films(Y, P, labels, {"A": 0.5, "B": 0.95}) == pytest.approx(0.5)
+    assert M.flags_on_normal_films(Y[2:], P[2:], labels, {}) is None  # no normal film
+    assert M.flags_on_normal_films(Y[:, :2], P[:, :2], labels[:2], {}) is None  # no No Finding label
+
+
 def test_bootstrap_ci_contains_estimate_and_narrows() -> None:
     widths = []
     for n in (150, 1500):

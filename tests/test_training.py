@@ -114,12 +114,38 @@ def test_release_and_evaluate_reproduce_the_card(trained, tmp_path, data_dir, sm
     cfg_json = json.loads((dest / "config.json").read_text())
     half = cfg_json["chestxray"]["metrics"]["float16_check"]
     assert half["max_abs_prob_diff"] < 5e-3
+    # The balanced NIH films are their own group and the headline; the mixed set stands beside it.
+    summary = cfg_json["chestxray"]["metrics"]
+    test_cohorts = set(pd.read_csv(cfg.out + "/manifest.csv").query("split == 'test'")["cohort"])
+    assert summary["headline_group"] == ("reproduce_chexnet" if "reproduce_chexnet" in test_cohorts else "nih384")
+    assert test_cohorts <= set(summary["mean_auroc"]) and "flags_per_normal_film" in summary
+    assert "Initialised from: random (from scratch)" in card and "Grad-CAM grid 2 x 2" in card
     # The evaluate command on the test split gives the numbers stored at release.
     m = evaluate(str(dest), tmp_path / "ev", labels_csv=str(small_csv), images=str(data_dir / "nih/images_384"),
                  split="test", n_boot=50, progress=False)
     stored = json.loads((dest / "metrics.json").read_text())
     assert m["n_images"] == stored["n_images"]
     assert m["mean_auroc"] == pytest.approx(stored["mean_auroc"], abs=1e-9)
+
+
+def test_distilled_student_keeps_the_teacher_split(trained, tmp_path, small_csv, data_dir):
+    """A student learns from the teacher's probabilities and never trains on its val/test patients."""
+    teacher_cfg, teacher = trained
+    cfg = _cfg(tmp_path, small_csv, data_dir, arch="resnet10t", epochs=2, teacher=[str(teacher)],
+               split_from=teacher_cfg.out, seed=7)  # another seed would split differently on its own
+    best = train(cfg)
+    mine = pd.read_csv(os.path.join(cfg.out, "manifest.csv")).set_index("path")["split"]
+    theirs = pd.read_csv(os.path.join(teacher_cfg.out, "manifest.csv")).set_index("path")["split"]
+    assert mine.sort_index().equals(theirs.sort_index())
+    soft = np.load(next((tmp_path / "run").glob("teacher_probs_*.npy")))
+    assert soft.shape == ((mine == "train").sum(), 15) and np.isfinite(soft).all()
+    # The soft targets are the teacher's own predictions on those (cached, uint8) films.
+    pred = Predictor(load_folder(teacher), device="cpu")
+    first = pd.read_csv(os.path.join(cfg.out, "manifest.csv")).query("split == 'train'")["path"].iloc[0]
+    np.testing.assert_allclose(soft[0], list(pred.predict(first).values()), atol=5e-3)
+    taught = json.loads((best / "config.json").read_text())["chestxray"]["training"]["taught_by"]
+    assert taught.startswith("teacher run (soft targets")
+    assert np.isfinite(pd.read_csv(os.path.join(cfg.out, "log.csv"))["train_loss"]).all()
 
 
 def test_yaml_recipe_and_flags_precedence(tmp_path):
