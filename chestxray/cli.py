@@ -1,4 +1,4 @@
-"""Command line: ``python -m chestxray {predict,evaluate,release,publish} ...``.
+"""Command line: ``python -m chestxray {predict,evaluate,localize,release,publish} ...``.
 
 User errors (unreadable images, unknown models, bad options) end with one ``error:`` line and a
 non-zero exit code, never a traceback.
@@ -111,6 +111,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_localize(args: argparse.Namespace) -> int:
+    """Pointing game: does the finding's Grad-CAM maximum fall in the radiologists' box?"""
+    import json
+
+    from chestxray.localization import held_out_pointing_game
+    from chestxray.predictor import Predictor
+
+    result = held_out_pointing_game(Predictor.load(args.model or default_model()), args.data_root)
+    films = "held-out films" if result["held_out"] else "films (no splits.csv: training films included)"
+    if not result["n_pairs"]:
+        print(f"no boxed {films} of this model's labels in {result['folder']}")
+        return 0
+    print(f"map maximum inside the box: {result['hit_rate']:.1%} of {result['n_pairs']} finding boxes on "
+          f"{result['n_films']} {films} (a random point: {result['chance']:.1%})")
+    for label, m in sorted(result["by_label"].items()):
+        print(f"  {label}: {m['hit_rate']:.1%} of {m['n']} (random {m['chance']:.1%})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     """Builds a shipped checkpoint folder from a training run."""
     from chestxray.release import release
@@ -156,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_evaluate)
+
+    lc = sub.add_parser("localize", help="pointing game: Grad-CAM maxima vs radiologists' boxes (NIH, RSNA)")
+    lc.add_argument("--model")
+    lc.add_argument("--data-root", default="../shared/data")
+    lc.add_argument("--out", help="write every film's result as JSON here")
+    lc.set_defaults(func=cmd_localize)
 
     rl = sub.add_parser("release", help="evaluate a training run and install it as a shipped checkpoint")
     rl.add_argument("run", help="training run folder (with best/, manifest.csv, log.csv)")

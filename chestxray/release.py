@@ -22,6 +22,7 @@ import safetensors.torch
 
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, weights_dir
 from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths
+from chestxray.localization import held_out_pointing_game
 from chestxray.metrics import mean_auroc
 from chestxray.modelcard import write_model_card
 from chestxray.plots import plot_training_curves
@@ -42,7 +43,7 @@ def _half_copy(src: Path, dst: Path) -> None:
 
 def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLike | None = None,
             data_root: str | None = None, n_boot: int = 1000, half: bool = True, fit_gate: bool = True,
-            repo_id: str | None = None, progress: bool = True) -> Path:
+            repo_id: str | None = None, progress: bool = True, localize: bool = True) -> Path:
     """Builds ``<dest_root>/<name>`` from ``<run_dir>/best`` (see the module docstring)."""
     run = Path(run_dir)
     best = run / "best"
@@ -85,6 +86,8 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
             rows = [{k: (float(v) if k != "best" else v) for k, v in r.items()} for r in csv.DictReader(f)]
         plot_training_curves(rows, tmp / "training_curves.png")
 
+    loc = (held_out_pointing_game(predictor, data_root or train_cfg["data_root"]) if localize
+           else {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None})
     cfg = json.loads((tmp / CONFIG_FILE).read_text())
     groups = metrics.get("by_group", {})
     cfg["chestxray"]["metrics"] = {
@@ -96,6 +99,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         "pneumonia_auroc": {g: m["labels"].get("Pneumonia", {}).get("auroc") for g, m in groups.items()},
         "flags_per_normal_film": {g: m.get("flags_per_normal_film") for g, m in groups.items()},
         "float16_check": half_check,
+        "localization": {k: loc[k] for k in ("hit_rate", "chance", "n_pairs", "n_films", "held_out")},
     }
     cfg["chestxray"]["training"]["recipe"] = {k: train_cfg[k] for k in
                                               ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
@@ -123,6 +127,14 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
             "does not look like the frontal chest films the model was trained on. Flag rates on images never "
             "used to fit or calibrate it (false alarms on real chest X-rays, catches on real non-chest images):"
             "\n\n```\n" + gate_report + "\n```")
+    if loc["n_pairs"]:
+        extra["Where the heatmap points"] = (
+            f"On {loc['n_films']} boxed NIH films outside this model's training split (NIH's own boxes and the "
+            "RSNA radiologists' lung-opacity boxes, the latter scored on the Pneumonia map), the maximum of the "
+            f"finding's Grad-CAM falls inside the box for **{loc['hit_rate']:.0%}** of {loc['n_pairs']} boxed "
+            f"findings; a random point would for {loc['chance']:.0%}. Per finding: "
+            + ", ".join(f"{k} {m['hit_rate']:.0%} of {m['n']}" for k, m in sorted(loc["by_label"].items()))
+            + ". (`python -m chestxray localize --model NAME` reproduces it.)")
     extra["Reproduce"] = (
         "```bash\n"
         f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n"
