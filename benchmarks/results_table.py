@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""The README's results table, from the shipped folders' metrics.json and a CPU latency measurement.
+"""The README's results table: every shipped model evaluated afresh on its own held-out test split.
 
-    python benchmarks/results_table.py [--threads 2] [--runs 20]
+    python benchmarks/results_table.py [--threads 2] [--runs 20] [--n-boot 1000]
 
-Columns: NIH test mean AUROC with 95% CI (384-px images of held-out patients, and the 64-px ones),
-pediatric pneumonia AUROC (Kermany test split), COVID-19 set pneumonia AUROC, validation mean AUROC
-(what chose the default model), weights size, and the median CPU latency of one predict +
-all-label Grad-CAM (``Predictor.analyze`` on a decoded 1024-px film).
+Each model is evaluated with ``chestxray.evaluate`` on the images its ``splits.csv`` puts in the
+test split (exactly what ``python -m chestxray evaluate --split test`` does). Columns: NIH mean
+AUROC on the label-balanced films (the headline, 95% CI) and on all 384-px NIH test films (mixed),
+pediatric pneumonia AUROC (Kermany), COVID-19 set pneumonia AUROC, findings flagged per normal NIH
+film, the pointing game on held-out boxed films, the validation mean AUROC that selected the
+epoch (and on which films), what initialised and taught the model, weights size, and the median
+CPU latency of one predict + all-label Grad-CAM (``Predictor.analyze`` on a decoded 1024-px film).
 """
 from __future__ import annotations
 
@@ -14,15 +17,19 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from chestxray.checkpoint import list_shipped, load_checkpoint, weights_dir  # noqa: E402
+from chestxray.evaluate import BALANCED_COHORT, evaluate  # noqa: E402
 from chestxray.imaging import read_image  # noqa: E402
+from chestxray.localization import held_out_pointing_game  # noqa: E402
 from chestxray.predictor import Predictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +39,8 @@ def _ci(m: dict) -> str:
     ci = m.get("mean_auroc_ci") or [None, None]
     if m.get("mean_auroc") is None:
         return "n/a"
-    return f"{m['mean_auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if ci[0] is not None else f"{m['mean_auroc']:.3f}"
+    est = f"{m['mean_auroc']:.3f}"
+    return f"{est} ({ci[0]:.3f}-{ci[1]:.3f}, {m['n_images']})" if ci[0] is not None else est
 
 
 def _label_auc(m: dict, label: str) -> str:
@@ -40,37 +48,57 @@ def _label_auc(m: dict, label: str) -> str:
     return "n/a" if a is None else f"{a:.3f}"
 
 
+def _latency_ms(pred: Predictor, xray, runs: int) -> float:
+    for _ in range(3):
+        pred.analyze(xray)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        pred.analyze(xray)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared/data"))
     ap.add_argument("--image", default=str(REPO.parent / "shared/data/nih/full_res/00000100_000.png"))
+    ap.add_argument("--models", nargs="*", help="shipped names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xray = read_image(args.image)
-    print("| model | NIH test mean AUROC, 384 px (95% CI) | NIH test, 64 px | pediatric pneumonia AUROC | "
-          "COVID-19 set pneumonia AUROC | val mean AUROC (NIH) | weights MB | CPU predict + CAMs ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in list_shipped():
+    print("| model | NIH balanced films: mean AUROC (95% CI, films) | NIH all 384-px test films (mixed) | "
+          "pediatric pneumonia AUROC (Kermany) | COVID-19 set pneumonia AUROC | findings flagged per normal "
+          "NIH film | CAM max in box (chance) | val mean AUROC (films) | initialised / taught by | weights MB | "
+          "CPU predict + CAMs ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models or list_shipped():
         folder = weights_dir() / name
-        m = json.loads((folder / "metrics.json").read_text())
-        g = m.get("by_group", {})
+        sources = sorted(pd.read_csv(folder / "splits.csv")["source"].unique())
+        with tempfile.TemporaryDirectory() as tmp:
+            m = evaluate(name, tmp, sources=sources, data_root=args.data_root, split="test", n_boot=args.n_boot,
+                         progress=False)
+        g = m["by_group"]
         cfg = json.loads((folder / "config.json").read_text())
-        val = cfg.get("chestxray", {}).get("training", {}).get("val_mean_auroc")
+        train = cfg.get("chestxray", {}).get("training", {})
         pred = Predictor(load_checkpoint(name), device="cpu")
-        for _ in range(3):
-            pred.analyze(xray)
-        ts = []
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            pred.analyze(xray)
-            ts.append(time.perf_counter() - t)
+        loc = held_out_pointing_game(pred, args.data_root)
+        flags = g.get("nih384", {}).get("flags_per_normal_film")
+        val_on = ", ".join(train.get("val_sources") or ["all"])
+        init = str(train.get("initialised_from", "ImageNet" if train.get("pretrained") else "random")).split(",")[0]
+        taught = "teacher" if str(train.get("taught_by", "")).startswith("teacher") else "labels"
         size = (folder / "model.safetensors").stat().st_size / 2**20
-        print(f"| {name} | {_ci(g.get('nih384', m))} | {_ci(g.get('nih64', {}))} | "
+        print(f"| {name} | {_ci(g.get(BALANCED_COHORT, {}))} | {_ci(g.get('nih384', {}))} | "
               f"{_label_auc(g.get('kermany', {}), 'Pneumonia')} | {_label_auc(g.get('covid', {}), 'Pneumonia')} | "
-              f"{val} | {size:.1f} | {statistics.median(ts) * 1e3:.0f} |", flush=True)
-    print("| CheXNet (published, for scale) | 0.841 (14 findings, official-ish random patient split, 98k images, "
-          "DenseNet-121 at 224 px, ImageNet-pretrained) | | | | | 28 (fp32) | |")
+              f"{'n/a' if flags is None else f'{flags:.1f}'} | "
+              f"{loc['hit_rate']:.0%} of {loc['n_pairs']} ({loc['chance']:.0%}) | "
+              f"{train.get('val_mean_auroc')} ({val_on}) | {init} / {taught} | {size:.1f} | "
+              f"{_latency_ms(pred, xray, args.runs):.0f} |", flush=True)
+    print("| *CheXNet, published (for scale)* | *0.841 (14 findings; DenseNet-121, ImageNet-pretrained, 224 px, "
+          "~98k training images)* | | | | | | | | *28 (fp32)* | |")
     return 0
 
 
