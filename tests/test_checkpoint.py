@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 
@@ -42,6 +43,10 @@ def test_half_precision_weights_load_as_float32(tmp_path):
         diff = (torch.sigmoid(full.model(x)) - torch.sigmoid(half.model(x))).abs().max().item()
     assert diff < 1e-2
     assert (tmp_path / "f16/model.safetensors").stat().st_size < 0.6 * (tmp_path / "f32/model.safetensors").stat().st_size
+    # Kernels are float16; BatchNorm statistics and biases (1-D) keep float32.
+    stored = safetensors.torch.load_file(str(tmp_path / "f16/model.safetensors"))
+    assert {v.dtype for k, v in stored.items() if v.ndim > 1} == {torch.float16}
+    assert stored["bn2.running_var"].dtype == torch.float32
 
 
 def test_pickle_is_refused(tmp_path):
