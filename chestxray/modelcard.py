@@ -109,7 +109,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
         f"> **{DISCLAIMER}**", "",
-        f"A `{config.get('architecture')}` from timm with one sigmoid output per label "
+        f"A timm `{config.get('architecture')}` with one sigmoid output per label "
         f"({len(config.get('label_names', []))} labels: {', '.join(config.get('label_names', []))}).", "",
         *provenance(config), "",
         "## Results on held-out patients", "",
@@ -123,8 +123,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
            "films and a model that only tells normal from abnormal scores high; on the balanced films every "
            "finding's negatives are mostly other abnormal films."]
           if mixed and mixed_group != headline_group else []), "",
-        f"For scale: {CHEXNET}. These weights saw about {n.get('train', '?')} training images, ~50x fewer: "
-        "expect them to be far weaker.", "",
+        f"For scale: {CHEXNET}. These weights saw {n.get('train', '?')} training images"
+        + (f", ~{round(98_000 / n['train'])}x fewer" if isinstance(n.get("train"), int) and n["train"] else "")
+        + " (most of them without NIH finding labels): expect them to be far weaker.", "",
         "### Per group (test split)", "", *per_source, "",
         "*Findings flagged per normal film*: on test films labelled No Finding, the mean number of the other "
         "labels at or above their operating threshold (each one a false alarm).", "",
@@ -136,10 +137,13 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"- Sources: {', '.join(train.get('sources', []))} (see `splits.csv` for every image's split).",
         f"- Split by patient (seed {train.get('seed')}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
         f"{n.get('test', '?')} test images; no patient is in two splits.",
-        f"- Epoch and thresholds selected on validation images of: {train.get('val_sources', 'all')}; "
+        f"- Epoch and thresholds selected on the validation images of: "
+        f"{', '.join(map(str, train['val_sources'])) if isinstance(train.get('val_sources'), list) else 'all sources'}; "
         f"best epoch {train.get('epoch')} (validation mean AUROC {train.get('val_mean_auroc')}).",
-        "- Partial labels: the pediatric (Kermany) and COVID-19 sets only annotate Pneumonia / No Finding; their "
-        "other labels are unknown and masked out of the loss, never read as negative.", "",
+        "- Partial labels: the pediatric (Kermany) and COVID-19 sets only annotate Pneumonia / No Finding"
+        + (", TBX11K only Tuberculosis (so its films are known not to be normal)" if "tbx11k" in train.get("sources", [])
+           else "")
+        + "; their other labels are unknown and masked out of the loss, never read as negative.", "",
         "## Intended use", "",
         "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
         "educators. Probabilities are this model's outputs, not calibrated disease risks; a label is marked "
