@@ -34,3 +34,29 @@ def bad_corpus(tmp_path_factory, data_dir) -> dict[str, Path]:
     from tests.badfiles import make_bad_corpus
 
     return make_bad_corpus(tmp_path_factory.mktemp("bad_corpus"), data_dir)
+
+
+def _chest_files(data: Path) -> list[Path]:
+    nih = sorted((data / "nih/images_384").glob("*.png"))[:24]
+    kermany = sorted((data / "kermany/train/NORMAL").glob("*.jpeg"))[:9] + sorted(
+        (data / "kermany/train/PNEUMONIA").glob("*.jpeg"))[:9]
+    covid = sorted((data / "covid/images").glob("*"))[:18]
+    return nih + kermany + covid
+
+
+@pytest.fixture(scope="session")
+def fitted_gate(tmp_path_factory, data_dir):
+    """A tiny checkpoint with a gate fitted on 40 real chest X-rays and calibrated on 20 others:
+    ``(folder, predictor, gate, stats, files used)`` (shared by test_gate.py and test_gate_fit.py)."""
+    from chestxray.gate import GATE_FILE
+    from chestxray.gate_fit import fit_gate
+    from chestxray.predictor import Predictor
+    from tests.helpers import make_checkpoint
+
+    folder = make_checkpoint(tmp_path_factory.mktemp("gate") / "tiny", seed=3)
+    predictor = Predictor.load(folder, device="cpu")
+    files = _chest_files(data_dir)
+    train = [str(p) for i, p in enumerate(files) if i % 3]
+    val = [str(p) for i, p in enumerate(files) if i % 3 == 0]
+    gate, stats = fit_gate(predictor, train, val, folder / GATE_FILE, target_fa=0.05)
+    return folder, predictor, gate, stats, set(train) | set(val)
