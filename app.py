@@ -335,7 +335,7 @@ class Service:
         name, predictor = self._predictor(model)
         path = _path(file)
         xray = read_image(path)
-        a = predictor.analyze(xray, source=path)  # the original file lets the gate see colour (photos)
+        a = predictor.analyze(xray)  # the XrayImage carries what the gate reads (metadata, colour)
         # the display image (longest side <= 768, uint8) stands in for the film in later explain calls: it
         # bounds the memory a session holds, and every model input is far smaller
         state = {"model": name, "analysis": pack(a), "maps": {}}
@@ -365,7 +365,7 @@ class Service:
         results, notes = {}, []
         for name in self.available:
             try:
-                results[name] = self.registry.get(name).analyze(xray, source=path)
+                results[name] = self.registry.get(name).analyze(xray)
             except CheckpointError as err:
                 notes.append(f"{name}: could not be loaded ({err})")
         if not results:
@@ -410,7 +410,7 @@ class Service:
             path = _path(f)
             row = {"file": _safe_cell(Path(path).name), "warning": "", "error": ""}
             try:
-                a = predictor.analyze(read_image(path), source=path)
+                a = predictor.analyze(read_image(path))
                 row.update({k: f"{p:.6f}" for k, p in a.prob_dict().items()})
                 row["warning"] = "; ".join(str(w) for w in getattr(a, "warnings", None) or [])
             except ImageReadError as err:

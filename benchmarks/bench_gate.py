@@ -25,8 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from chestxray.gate import (EXTRA_CHEST_FILES, GATE_FILE, NON_CHEST_FILES, Gate, _sample,  # noqa: E402
-                            chest_manifest, evaluate, format_rows)
+from chestxray.gate import GATE_FILE, Gate  # noqa: E402
+from chestxray.gate_fit import (EXTRA_CHEST_FILES, NON_CHEST_FILES, chest_manifest, evaluate,  # noqa: E402
+                                format_rows, sample_rows)
 from chestxray.imaging import SUPPORTED_EXTENSIONS, read_image  # noqa: E402
 from chestxray.predictor import Predictor  # noqa: E402
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     df = chest_manifest(args.model, root, manifest=args.manifest)
     print(f"chest split: {df['from'].iloc[0]}")
     test = df[df["split"] == "test"]
-    groups = {f"test chest {s}": list(_sample(g, args.max_per_source, 0)["path"]) for s, g in test.groupby("source")}
+    groups = {f"test chest {s}": list(sample_rows(g, args.max_per_source, 0)["path"])
+              for s, g in test.groupby("source")}
     groups["extra chest files (misc, dicom)"] = [str(root / f) for f in EXTRA_CHEST_FILES if (root / f).is_file()]
     chest = set(groups)
     non_chest = [str(root / f) for f in NON_CHEST_FILES if (root / f).is_file()]
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in SUPPORTED_EXTENSIONS)
         groups[f"extra non-chest: {Path(folder).name}"] = files
     if args.synthetic:
-        picks = [p for s, g in test.groupby("source") for p in _sample(g, args.synthetic, 1)["path"]]
+        picks = [p for s, g in test.groupby("source") for p in sample_rows(g, args.synthetic, 1)["path"]]
         groups.update(synthetic_negatives(picks))
 
     t0 = time.perf_counter()

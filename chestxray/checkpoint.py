@@ -17,25 +17,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from chestxray.hub import resolve
 from chestxray.labels import name_set
+from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir  # noqa: F401 (re-exports)
 from chestxray.models import ARCHS, create_model
 from chestxray.transforms import GRAY_MEAN, GRAY_STD, Preprocess
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 #: Our own fields live under this key of config.json (timm ignores unknown root keys).
 META_KEY = "chestxray"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, pickled, or inconsistent. One-line message."""
-
-
-def weights_dir() -> Path:
-    """The folder of shipped checkpoints (``weights/`` beside the package, or $CHESTXRAY_WEIGHTS)."""
-    env = os.environ.get("CHESTXRAY_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
 
 
 def list_shipped() -> list[str]:
@@ -191,6 +181,4 @@ def load_checkpoint(ref: str | os.PathLike, device: str | torch.device = "cpu") 
     Hub references download into the huggingface_hub cache and fall back to ``weights/``
     (see :func:`chestxray.hub.resolve`).
     """
-    from chestxray.hub import resolve
-
     return load_folder(resolve(str(ref)), device=device)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m chestxray {predict,evaluate,localize,release,publish} ...``.
+"""Command line: ``python -m chestxray {predict,evaluate,localize,release,publish,fit-gate} ...``.
 
 User errors (unreadable images, unknown models, bad options) end with one ``error:`` line and a
 non-zero exit code, never a traceback.
@@ -68,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"skipped {f}: {err}", file=sys.stderr)
             continue
-        a = predictor.analyze(xray, source=f)  # the original file lets the gate see colour (photos)
+        a = predictor.analyze(xray)  # the XrayImage carries what the gate reads (metadata, colour)
         writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs)])
         for w in a.warnings:
             print(f"warning {f}: {w}", file=sys.stderr)
@@ -143,6 +143,21 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_gate(args: argparse.Namespace) -> int:
+    """Fits the input gate of a checkpoint folder on the shared chest X-rays and prints its rates."""
+    import torch
+
+    from chestxray.gate import GATE_FILE
+    from chestxray.gate_fit import fit_from_folder
+
+    torch.set_num_threads(max(1, args.threads))
+    out = args.out or str(Path(args.model) / GATE_FILE)
+    fit_from_folder(args.model, args.data_root, out, max_train_per_source=args.max_train_per_source,
+                    max_eval_per_source=args.max_eval_per_source, target_fa=args.target_fa, seed=args.seed,
+                    use_embedding=not args.no_embedding, manifest=args.manifest)
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     """Uploads a checkpoint folder to the Hugging Face Hub."""
     from chestxray.hub import publish
@@ -200,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--token", default=os.environ.get("HF_TOKEN"))
     pb.add_argument("--private", action="store_true")
     pb.set_defaults(func=cmd_publish)
+
+    fg = sub.add_parser("fit-gate", help="fit the input gate of a checkpoint folder and report its rates")
+    fg.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    fg.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    fg.add_argument("--out", default=None, help="output file (default: <model>/gate.safetensors)")
+    fg.add_argument("--manifest", default=None,
+                    help="the training run's manifest.csv (default: found beside the model folder or in its parent)")
+    fg.add_argument("--target-fa", type=float, default=0.01, help="false-alarm rate aimed at on val chest X-rays")
+    fg.add_argument("--max-train-per-source", type=int, default=600)
+    fg.add_argument("--max-eval-per-source", type=int, default=300)
+    fg.add_argument("--no-embedding", action="store_true", help="appearance components only")
+    fg.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    fg.add_argument("--seed", type=int, default=0)
+    fg.set_defaults(func=cmd_fit_gate)
     return p
 
 

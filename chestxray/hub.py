@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir
+from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir
 
 log = logging.getLogger(__name__)
 

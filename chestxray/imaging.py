@@ -9,6 +9,10 @@ Privacy: DICOM files are parsed with ``specific_tags``, so only the technical el
 ``_DICOM_TAGS`` (pixel module, rescale, window, modality, view, body part) are ever decoded;
 names, IDs, dates and institutions are skipped unread. Warnings from pydicom/PIL are silenced
 while reading, and their exceptions are replaced (``from None``) by one-line messages.
+
+Data flows one way: everything later steps need from the file (the technical DICOM tags, and how
+colourful a plain image was before it became gray) is recorded in the :class:`XrayImage` at decode
+time, so that nothing downstream opens the file again.
 """
 from __future__ import annotations
 
@@ -71,6 +75,9 @@ class XrayImage:
         photometric: DICOM PhotometricInterpretation or the PIL mode of a plain image.
         n_frames: frames/pages in the file (only the first is used).
         notes: harmless technical notes about what was done to the pixels.
+        colour_fraction: share of clearly coloured pixels of a colour plain image before it was
+            turned gray (chest films stored as RGB: 0.0; photos: 0.4-1.0); None for gray files and
+            DICOM. The input gate's colour rule reads it.
     """
 
     pixels: np.ndarray = field(repr=False)
@@ -83,6 +90,7 @@ class XrayImage:
     photometric: str | None = None
     n_frames: int = 1
     notes: list[str] = field(default_factory=list)
+    colour_fraction: float | None = None
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -115,6 +123,15 @@ def _scale(arr: np.ndarray, lo: float | None = None, hi: float | None = None) ->
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3].astype(np.float32) @ _LUMA
+
+
+def _colour_fraction(rgb: Image.Image, chroma: float = 0.1, side: int = 128) -> float:
+    """Share of pixels whose channels differ by more than ``chroma`` (of full scale), on a
+    ``side``-px thumbnail: cheap, and enough to tell a photo from a film stored as RGB."""
+    small = rgb.copy()
+    small.thumbnail((side, side))
+    a = np.asarray(small, dtype=np.float32) / 255.0
+    return float(((a.max(axis=2) - a.min(axis=2)) > chroma).mean())
 
 
 def _load(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str, str]:
@@ -197,6 +214,7 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
     _check_pixels(height, width, max_pixels)
     fmt = {"MPO": "jpeg", "DIB": "bmp"}.get(im.format or "", (im.format or "image").lower())
     notes: list[str] = []
+    colour = None
     try:
         n_frames = int(getattr(im, "n_frames", 1))
         if n_frames > 1:
@@ -217,7 +235,9 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
             notes += [note] if note else []
         else:  # RGB(A/X), P, PA, CMYK, YCbCr, LAB, HSV: PIL converts to RGB correctly
             kind = {"P": "palette", "PA": "palette", "CMYK": "CMYK"}.get(mode, "RGB")
-            pixels, depth = _scale(_luminance(np.asarray(im.convert("RGB"))), 0, 255), 8
+            rgb = im.convert("RGB")
+            pixels, depth = _scale(_luminance(np.asarray(rgb)), 0, 255), 8
+            colour = _colour_fraction(rgb)  # recorded now: the gray pixels can no longer tell
             notes.append(f"{kind} image converted to gray")
             if "A" in mode or "transparency" in im.info:
                 notes.append("alpha channel ignored")
@@ -225,7 +245,8 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
         raise
     except Exception:
         raise ImageReadError(f"image file is damaged or truncated: {name}") from None
-    return XrayImage(pixels, fmt, (height, width), depth, photometric=mode, n_frames=n_frames, notes=notes)
+    return XrayImage(pixels, fmt, (height, width), depth, photometric=mode, n_frames=n_frames, notes=notes,
+                     colour_fraction=colour)
 
 
 def _scale_wide(arr: np.ndarray) -> tuple[np.ndarray, int, str | None]:

@@ -1,7 +1,8 @@
 """Label sets: named, ordered lists of findings that travel with each checkpoint.
 
 A label set is data, not code: the checkpoint's ``config.json`` stores the label names, and the
-names below are only the sets a user can ask for by name when training.
+names below are only the sets a user can ask for by name when training. The plain names of the
+evaluation groups (data sources and cohorts) that label metrics are reported by live here too.
 """
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "tuberculosis": ("Tuberculosis",),
     "covid": ("COVID-19", "Pneumonia", NO_FINDING),
     "lung-opacity": ("Lung Opacity",),
+}
+
+#: Plain names of the evaluation groups (sources and cohorts) for cards, tables and the app.
+GROUP_NAMES: dict[str, str] = {
+    "reproduce_chexnet": "NIH, label-balanced films (reproduce_chexnet sample)",
+    "darkcovidnet": "NIH, No Finding / Pneumonia sample (darkcovidnet)",
+    "nih384": "NIH, all 384-px test films (mixed)",
+    "nih64": "NIH, 64-px films",
+    "kermany": "Kermany pediatric (children)",
+    "covid": "COVID-19 image collection",
+    "tbx11k": "TBX11K tuberculosis",
 }
 
 # Spellings seen in public label files, mapped to the names used here.

@@ -9,21 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from chestxray.cam import FAST_METHODS, all_label_cams, cam_at, method_cam, overlay
 from chestxray.checkpoint import Checkpoint, load_checkpoint
+from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
+from chestxray.imaging import XrayImage, read_image
 from chestxray.models import classifier_weight, features_and_logits
 from chestxray.transforms import resize_gray
-
-if TYPE_CHECKING:
-    from chestxray.gate import GateResult
-    from chestxray.imaging import XrayImage
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +32,6 @@ DISPLAY_MAX = 768
 def as_pixels(image) -> np.ndarray:
     """Accepts an XrayImage, a float HxW array in [0,1], a path or bytes; returns float32 HxW."""
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
-        from chestxray.imaging import read_image
-
         image = read_image(image if not isinstance(image, bytearray) else bytes(image))
     pixels = getattr(image, "pixels", image)
     arr = np.asarray(pixels)
@@ -46,11 +42,9 @@ def as_pixels(image) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def as_xray(image) -> "XrayImage | None":
+def as_xray(image) -> XrayImage | None:
     """The decoded file with its metadata: reads a path or bytes, passes an XrayImage through,
     and returns None for a bare array (which has no metadata)."""
-    from chestxray.imaging import XrayImage, read_image
-
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         return read_image(image if not isinstance(image, bytearray) else bytes(image))
     return image if isinstance(image, XrayImage) else None
@@ -77,7 +71,7 @@ class Analysis:
     thresholds: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None  # C, globally pooled final features (for the input gate)
     warnings: list[str] = field(default_factory=list)  # e.g. "does not look like a frontal chest X-ray"
-    gate: "GateResult | None" = None  # the input gate's verdict (chestxray.gate); None when not assessed
+    gate: GateResult | None = None  # the input gate's verdict (chestxray.gate); None when not assessed
 
     def prob_dict(self) -> dict[str, float]:
         """{label: probability}, in the checkpoint's label order."""
@@ -119,10 +113,8 @@ class Predictor:
         self._cam_lock = threading.Lock()  # pytorch-grad-cam hooks are per-model, not thread-safe
         self.gate = self._load_gate()
 
-    def _load_gate(self):
+    def _load_gate(self) -> Gate | None:
         """The input gate fitted for this checkpoint (``gate.safetensors`` in its folder), or None."""
-        from chestxray.gate import GATE_FILE, Gate
-
         path = Path(self.ckpt.path) / GATE_FILE
         if not path.is_file():
             return None
@@ -151,8 +143,21 @@ class Predictor:
         """timm architecture name."""
         return self.ckpt.arch
 
+    @property
+    def classifier_weight(self) -> torch.Tensor:
+        """The classifier's weight matrix (K x C): the all-label CAM weights; it also ties a gate to this model."""
+        return self._weight
+
     def _input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.preprocess(pixels).to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, images: list) -> np.ndarray:
+        """Globally pooled final features (N x C, float32) of several images: what
+        :attr:`Analysis.embedding` holds for one, and what the input gate models."""
+        x = torch.cat([self._input(as_pixels(im)) for im in images])
+        feats, _ = features_and_logits(self.model, x, self.arch)
+        return feats.float().mean(dim=(2, 3)).cpu().numpy()
 
     @torch.inference_mode()
     def predict_batch(self, images: list) -> np.ndarray:
@@ -165,24 +170,23 @@ class Predictor:
         return dict(zip(self.labels, map(float, self.predict_batch([image])[0])))
 
     @torch.inference_mode()
-    def analyze(self, image, xray: "XrayImage | None" = None, *, source=None) -> Analysis:
+    def analyze(self, image, xray: XrayImage | None = None, *, source=None) -> Analysis:
         """Probabilities and Grad-CAM of every label from one forward pass, checked by the input gate.
 
         Args:
             image: an XrayImage, a float HxW array in [0,1], a path or bytes.
             xray: the decoded file ``image`` came from, when ``image`` is a bare array (its DICOM
-                metadata feeds the gate's rules); taken from ``image`` itself otherwise.
-            source: the original file (path or bytes) when ``image`` is already decoded, so that the
-                gate can check its colour (the reader turns colour into gray); ``image`` itself
-                when that is a path or bytes.
+                metadata and colour fraction feed the gate's rules); taken from ``image`` itself otherwise.
+            source: ignored; accepted for compatibility. (It used to let the gate re-open the
+                original file to check its colour; :func:`~chestxray.imaging.read_image` now
+                records that in the XrayImage.)
 
-        The gate's one-line messages go to ``Analysis.warnings`` (metadata rules always apply; the
-        appearance check needs the checkpoint's ``gate.safetensors``).
+        The gate's one-line messages go to ``Analysis.warnings`` (metadata and colour rules always
+        apply; the appearance check needs the checkpoint's ``gate.safetensors``).
         """
-        from chestxray.gate import assess_without_gate, colour_fraction
-
-        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            source = image
+        if source is not None:
+            warnings.warn("analyze(source=...) is no longer needed: the XrayImage carries what the gate reads",
+                          DeprecationWarning, stacklevel=3)  # 3: past torch's inference_mode wrapper
         read = as_xray(image)
         xray = read if read is not None else xray
         pixels = as_pixels(read if read is not None else image)
@@ -190,9 +194,8 @@ class Predictor:
         probs = torch.sigmoid(logits)[0].float().cpu().numpy()
         cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
         embedding = feats.float().mean(dim=(2, 3))[0].cpu().numpy()
-        colour = colour_fraction(source) if source is not None else None
-        verdict = (self.gate.assess(xray, pixels, embedding, colour=colour) if self.gate is not None
-                   else assess_without_gate(xray, pixels, colour=colour))
+        verdict = (self.gate.assess(xray, pixels, embedding) if self.gate is not None
+                   else assess_without_gate(xray, pixels))
         return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding,
                         warnings=list(verdict.reasons), gate=verdict)
 

@@ -17,6 +17,7 @@ import yaml
 
 from chestxray import hub
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
+from chestxray.labels import GROUP_NAMES
 from chestxray.predictor import Predictor
 
 MODELS_ENV = "CHESTXRAY_MODELS"
@@ -160,8 +161,6 @@ def _metrics_summary(meta: dict) -> dict[str, Any]:
     A release's per-group block (``mean_auroc: {group: value}``) gives one entry per group, the
     headline group (NIH's label-balanced films) first and the mixed NIH set second.
     """
-    from chestxray.modelcard import GROUP_NAMES
-
     out: dict[str, Any] = {}
     for key in ("metrics", "evaluation", "test"):
         block = meta.get(key)

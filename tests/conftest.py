@@ -20,6 +20,29 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CHESTXRAY_DATA", REPO.parent / "shared" / "data"))
 
 
+#: Every test that uses one of these fixtures is ``slow``: the fixture costs tens of seconds.
+SLOW_FIXTURES = {
+    "served",  # tests/test_app.py: the Gradio app built and served over HTTP, then each call through it
+    "trained",  # tests/test_training.py: a model trained for six epochs
+}
+#: Slow tests in files owned elsewhere just now, marked by node id (a decorator in the file is better).
+SLOW_TESTS = {
+    "tests/test_training.py::test_two_process_ddp_on_cpu",  # two torchrun processes train a model
+    "tests/test_training.py::test_resume_continues_where_it_stopped",  # trains twice
+    "tests/test_pretrained.py::test_pretrained_b0_round_trips_through_a_checkpoint_and_plain_timm",
+    "tests/test_pretrained.py::test_transplant_reproduces_the_lite_network[efficientnet_b0-efficientnet_lite0-1280]",
+    "tests/test_pretrained.py::test_transplant_reproduces_the_lite_network[efficientnet_b2-efficientnet_lite2-1280]",
+    "tests/test_localization.py::test_pointing_game_on_real_films",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks :data:`SLOW_TESTS` and the users of :data:`SLOW_FIXTURES` as ``slow``."""
+    for item in items:
+        if item.nodeid in SLOW_TESTS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Root of the shared real data (``../shared/data``)."""
@@ -34,3 +57,29 @@ def bad_corpus(tmp_path_factory, data_dir) -> dict[str, Path]:
     from tests.badfiles import make_bad_corpus
 
     return make_bad_corpus(tmp_path_factory.mktemp("bad_corpus"), data_dir)
+
+
+def _chest_files(data: Path) -> list[Path]:
+    nih = sorted((data / "nih/images_384").glob("*.png"))[:24]
+    kermany = sorted((data / "kermany/train/NORMAL").glob("*.jpeg"))[:9] + sorted(
+        (data / "kermany/train/PNEUMONIA").glob("*.jpeg"))[:9]
+    covid = sorted((data / "covid/images").glob("*"))[:18]
+    return nih + kermany + covid
+
+
+@pytest.fixture(scope="session")
+def fitted_gate(tmp_path_factory, data_dir):
+    """A tiny checkpoint with a gate fitted on 40 real chest X-rays and calibrated on 20 others:
+    ``(folder, predictor, gate, stats, files used)`` (shared by test_gate.py and test_gate_fit.py)."""
+    from chestxray.gate import GATE_FILE
+    from chestxray.gate_fit import fit_gate
+    from chestxray.predictor import Predictor
+    from tests.helpers import make_checkpoint
+
+    folder = make_checkpoint(tmp_path_factory.mktemp("gate") / "tiny", seed=3)
+    predictor = Predictor.load(folder, device="cpu")
+    files = _chest_files(data_dir)
+    train = [str(p) for i, p in enumerate(files) if i % 3]
+    val = [str(p) for i, p in enumerate(files) if i % 3 == 0]
+    gate, stats = fit_gate(predictor, train, val, folder / GATE_FILE, target_fa=0.05)
+    return folder, predictor, gate, stats, set(train) | set(val)

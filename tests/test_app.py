@@ -222,6 +222,7 @@ def test_model_card(served):
     assert "resnet10t" in card and "Operating thresholds" in card
 
 
+@pytest.mark.slow  # builds and serves the Gradio demo
 def test_no_model_installed(env, tmp_path, data_dir, monkeypatch):
     import app
     from gradio_client import Client, handle_file

@@ -13,6 +13,8 @@ import pytest
 from tests.badfiles import NIH_IMAGE
 from tests.helpers import make_checkpoint
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -23,7 +23,12 @@ def xray(data_dir):
     return np.asarray(Image.open(data_dir / "nih/images_384/00000100_000.png").convert("L"), np.float32) / 255.0
 
 
-@pytest.mark.parametrize("arch", PRODUCT_ARCHS)
+def _archs(fast: str) -> list:
+    """PRODUCT_ARCHS with all but ``fast`` marked slow (full-size networks take seconds each on CPU)."""
+    return [a if a == fast else pytest.param(a, marks=pytest.mark.slow) for a in PRODUCT_ARCHS]
+
+
+@pytest.mark.parametrize("arch", _archs("resnet18"))
 def test_fast_cam_equals_pytorch_grad_cam(arch, xray):
     torch.manual_seed(0)
     model = create_model(arch, 15, img_size=SIZE).eval()
@@ -50,6 +55,7 @@ def test_fast_cam_equals_pytorch_grad_cam(arch, xray):
     assert compared >= 1
 
 
+@pytest.mark.slow  # a full-size Swin
 def test_swin_cam_without_reshape_would_be_wrong():
     """The NHWC trap: Swin's final features are B,H,W,C; reading them as NCHW scrambles the map."""
     torch.manual_seed(0)
@@ -61,7 +67,7 @@ def test_swin_cam_without_reshape_would_be_wrong():
     assert feats.shape == (1, model.num_features, SIZE // 32, SIZE // 32)
 
 
-@pytest.mark.parametrize("arch", PRODUCT_ARCHS)
+@pytest.mark.parametrize("arch", _archs("resnet18"))
 def test_every_arch_predicts_and_explains(arch, tmp_path, data_dir):
     folder = make_checkpoint(tmp_path / arch, arch=arch, img_size=64)
     pred = Predictor(load_folder(folder), device="cpu")
@@ -77,6 +83,7 @@ def test_every_arch_predicts_and_explains(arch, tmp_path, data_dir):
     assert m.shape == pred.preprocess.size and np.isfinite(m).all()
 
 
+@pytest.mark.slow
 def test_method_cam_targets_the_chosen_label_not_the_argmax(xray):
     torch.manual_seed(0)
     arch = "resnet18"

@@ -88,6 +88,7 @@ def test_patient_data_never_leaves_the_cli(model_dir, bad_corpus, tmp_path, caps
         assert marker.encode() not in written
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and timm
 def test_module_entry_point_runs(model_dir, data_dir):
     res = subprocess.run([sys.executable, "-m", "chestxray", "predict", "--model", str(model_dir),
                           str(data_dir / "nih/images_384/00000100_000.png")], capture_output=True, text=True,

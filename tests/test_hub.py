@@ -74,6 +74,7 @@ def test_publish_command(tmp_path, fake_hub, capsys):
     assert "commit/1234" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains, evaluates and releases a model
 def test_train_push_to_hub_publishes_the_released_folder(tmp_path, fake_hub, data_dir):
     import pandas as pd
 

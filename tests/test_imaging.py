@@ -95,6 +95,18 @@ def test_other_dicoms_read_with_modality(data_dir, name, modality, photometric):
         assert img.pixels.shape == (480, 640) and "RGB image converted to gray" in img.notes
 
 
+def test_colour_fraction_is_recorded_at_decode(data_dir):
+    """What the gate's colour rule needs is measured once, with the pixels: photos are colourful, a
+    chest film stored as RGB is not, gray files and DICOM (even an RGB ultrasound) have none."""
+    for name in ("photo_china.jpg", "photo_flower.jpg", "photo_grace_hopper.jpg"):
+        path = data_dir / "ood" / name
+        assert read_image(path).colour_fraction > 0.3
+        assert read_image(path.read_bytes()).colour_fraction == read_image(path).colour_fraction
+    assert read_image(data_dir / "misc" / "h0001.png").colour_fraction == 0.0
+    assert read_image(data_dir / "ood" / "mri_pydicom_MR2.png").colour_fraction is None
+    assert read_image(data_dir / "dicom" / "pydicom_US1_UNCR_us.dcm").colour_fraction is None
+
+
 def test_16bit_png_keeps_its_range(bad_corpus, nih_small):
     g16, g12 = read_image(bad_corpus["gray16.png"]), read_image(bad_corpus["gray12.png"])
     assert (g16.bit_depth, g16.photometric, g12.bit_depth) == (16, "I;16", 12)

@@ -10,6 +10,8 @@ import pytest
 from benchmarks.bench_load import fire, start_app
 from tests.helpers import make_checkpoint
 
+pytestmark = pytest.mark.load
+
 
 @pytest.fixture(scope="module")
 def app_env(tmp_path_factory):
