@@ -392,21 +392,3 @@ def model_fingerprint(predictor: HasClassifier) -> str:
     Hashed at float16 precision, so a half-precision release of the same weights keeps it."""
     w = predictor.classifier_weight.detach().half().cpu().numpy()
     return hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------
-# Compatibility: chestxray.release still calls these through this module
-# --------------------------------------------------------------------------------------------
-
-def fit_from_folder(*args: Any, **kwargs: Any):
-    """Deprecated here: :func:`chestxray.gate_fit.fit_from_folder` (kept while ``release.py`` calls it)."""
-    from chestxray import gate_fit  # the one allowed runtime->offline import: see tests/test_layering.py
-
-    return gate_fit.fit_from_folder(*args, **kwargs)
-
-
-def format_rows(rows: list[dict], show_files: bool = False) -> str:
-    """Deprecated here: :func:`chestxray.gate_fit.format_rows` (kept while ``release.py`` calls it)."""
-    from chestxray import gate_fit  # the one allowed runtime->offline import: see tests/test_layering.py
-
-    return gate_fit.format_rows(rows, show_files)

@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from chestxray.labels import GROUP_NAMES
+
 DISCLAIMER = ("Research and education only. Not a medical device; not for diagnosis, triage or any "
               "clinical decision.")
 CHEXNET = "CheXNet (Rajpurkar et al., 2017): 0.841 mean AUROC over 14 findings, DenseNet-121 at 224 px on 98k NIH images"
@@ -42,18 +44,6 @@ def label_table(metrics: dict[str, Any]) -> str:
                     f"{_fmt(m.get('recall'))} | {_fmt(m.get('specificity'))} | {_fmt(m.get('f1'))} | "
                     f"{m.get('support_pos', 0)} / {m.get('support_neg', 0)} |")
     return "\n".join(rows)
-
-
-#: Plain names of the evaluation groups (sources and cohorts) for cards and tables.
-GROUP_NAMES = {
-    "reproduce_chexnet": "NIH, label-balanced films (reproduce_chexnet sample)",
-    "darkcovidnet": "NIH, No Finding / Pneumonia sample (darkcovidnet)",
-    "nih384": "NIH, all 384-px test films (mixed)",
-    "nih64": "NIH, 64-px films",
-    "kermany": "Kermany pediatric (children)",
-    "covid": "COVID-19 image collection",
-    "tbx11k": "TBX11K tuberculosis",
-}
 
 
 def provenance(config: dict[str, Any]) -> list[str]:

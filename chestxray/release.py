@@ -22,6 +22,8 @@ import safetensors.torch
 
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, weights_dir
 from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths
+from chestxray.gate import GATE_FILE
+from chestxray.gate_fit import fit_from_folder, format_rows
 from chestxray.localization import held_out_pointing_game
 from chestxray.metrics import mean_auroc
 from chestxray.modelcard import write_model_card
@@ -110,11 +112,9 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
 
     gate_report = None
     if fit_gate:
-        from chestxray import gate
-
-        _, _, rows = gate.fit_from_folder(tmp, data_root or train_cfg["data_root"], tmp / gate.GATE_FILE,
+        _, _, rows = fit_from_folder(tmp, data_root or train_cfg["data_root"], tmp / GATE_FILE,
                                           manifest=run / "manifest.csv", print_fn=log.info)
-        gate_report = gate.format_rows(rows)
+        gate_report = format_rows(rows)
 
     extra = {"Float16 weights": (
         f"The shipped weights are float16 ({half_check['size_fp16_mb']} MB instead of "

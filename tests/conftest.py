@@ -26,14 +26,7 @@ SLOW_FIXTURES = {
     "trained",  # tests/test_training.py: a model trained for six epochs
 }
 #: Slow tests in files owned elsewhere just now, marked by node id (a decorator in the file is better).
-SLOW_TESTS = {
-    "tests/test_training.py::test_two_process_ddp_on_cpu",  # two torchrun processes train a model
-    "tests/test_training.py::test_resume_continues_where_it_stopped",  # trains twice
-    "tests/test_pretrained.py::test_pretrained_b0_round_trips_through_a_checkpoint_and_plain_timm",
-    "tests/test_pretrained.py::test_transplant_reproduces_the_lite_network[efficientnet_b0-efficientnet_lite0-1280]",
-    "tests/test_pretrained.py::test_transplant_reproduces_the_lite_network[efficientnet_b2-efficientnet_lite2-1280]",
-    "tests/test_localization.py::test_pointing_game_on_real_films",
-}
+SLOW_TESTS: set[str] = set()  # test IDs to mark slow from here (prefer a decorator in the test file)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

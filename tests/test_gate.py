@@ -130,12 +130,3 @@ def test_predictor_without_gate_still_applies_rules_and_refuses_foreign_gate(fit
     assert predictor.analyze(data_dir / "misc" / "h0001.png").warnings == []
     shutil.copy(fitted_gate[0] / GATE_FILE, other / GATE_FILE)  # fitted for other weights: not used
     assert Predictor.load(other, device="cpu").gate is None
-
-
-def test_release_names_still_reachable_through_the_gate_module():
-    """release.py calls gate.fit_from_folder / gate.format_rows / gate.GATE_FILE (see test_layering.py)."""
-    from chestxray import gate_fit
-
-    rows = [{"group": "g", "kind": "chest", "n": 2, "flagged": 1, "rate": 0.5, "rules": {}, "files": []}]
-    assert gate_module.format_rows(rows) == gate_fit.format_rows(rows)
-    assert gate_module.GATE_FILE == "gate.safetensors" and callable(gate_module.fit_from_folder)

@@ -18,12 +18,6 @@ RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "layo
            "predictor", "gate", "registry", "pretrained"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "plots",
            "gate_fit", "distill", "localization", "cli"}
-#: Run-time -> offline imports tolerated for now: (importer, imported) -> why, and when it goes.
-TRANSITIONAL = {
-    ("gate", "gate_fit"): "gate.fit_from_folder / gate.format_rows forward to gate_fit because release.py "
-                          "still calls them through chestxray.gate; delete both shims (and this entry) once "
-                          "release.py imports chestxray.gate_fit",
-}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -93,10 +87,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _without_transitional(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {a: {b for b in deps if (a, b) not in TRANSITIONAL} for a, deps in graph.items()}
-
-
 def test_every_module_is_classified():
     """A new module must be put on one side, so that the rules below cover it."""
     modules = set(_modules())
@@ -106,12 +96,12 @@ def test_every_module_is_classified():
 
 
 def test_no_import_cycles():
-    cycles = _cycles(_without_transitional(import_graph()))
+    cycles = _cycles(import_graph())
     assert cycles == [], f"import cycles between chestxray modules: {cycles}"
 
 
 def test_runtime_modules_never_import_offline_ones():
-    graph = _without_transitional(import_graph())
+    graph = import_graph()
     bad = sorted((a, b) for a in RUNTIME for b in graph.get(a, ()) if b in OFFLINE)
     assert bad == [], f"run-time modules importing offline ones (move the piece they need): {bad}"
 
@@ -122,15 +112,6 @@ def test_the_app_imports_only_runtime_modules():
     assert used and used <= RUNTIME, f"app.py imports offline modules: {sorted(used - RUNTIME)}"
 
 
-def test_transitional_exceptions_are_still_needed():
-    """Each tolerated import must still exist and still be needed, so that none outlives its reason."""
-    graph = import_graph()
-    for (a, b), why in TRANSITIONAL.items():
-        assert b in graph[a], f"{a} no longer imports {b}: remove its TRANSITIONAL entry"
-    release = (PKG / "release.py").read_text()
-    assert "gate.fit_from_folder" in release or "gate.format_rows" in release, TRANSITIONAL[("gate", "gate_fit")]
-
-
 def test_the_checker_sees_hidden_imports():
     """Function-local and package-level imports count (the cycles this test exists for were hidden so)."""
     tree = ast.parse("def f():\n    from chestxray import gate, Predictor\n    import chestxray.hub as h\n"
@@ -139,12 +120,3 @@ def test_the_checker_sees_hidden_imports():
     found = {m for node in ast.walk(tree) for m in _imported(node, names)}
     assert found == {"gate", "__init__", "hub", "cam"}
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-
-
-def test_group_names_moved_to_labels_agree_with_the_model_card():
-    """``registry`` (run time) reads the group names from ``labels``; ``modelcard`` still has its own copy
-    until it imports them from there: the two must not drift apart."""
-    from chestxray.labels import GROUP_NAMES
-    from chestxray.modelcard import GROUP_NAMES as CARD_NAMES
-
-    assert CARD_NAMES == GROUP_NAMES

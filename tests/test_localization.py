@@ -32,6 +32,7 @@ def test_box_mask_scales_1024_px_coordinates():
     assert _box_mask(quarter, (384, 384))[383, 383] and not _box_mask(quarter, (384, 384))[0, 0]
 
 
+@pytest.mark.slow
 def test_pointing_game_on_real_films(tmp_path, data_dir, boxes):
     pred = Predictor(load_folder(make_checkpoint(tmp_path / "ck")), device="cpu")
     folder = data_dir / "nih/images_384"

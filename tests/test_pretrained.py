@@ -48,6 +48,7 @@ def test_conversion_writes_safetensors_with_timm_names(converted_dir):
     assert not torch.allclose(state["bn2.running_var"], torch.ones_like(state["bn2.running_var"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,lite,width", [("efficientnet_b0", "efficientnet_lite0", 1280),
                                               ("efficientnet_b2", "efficientnet_lite2", 1280)])
 def test_transplant_reproduces_the_lite_network(arch, lite, width, film):
@@ -65,6 +66,7 @@ def test_transplant_reproduces_the_lite_network(arch, lite, width, film):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pretrained_b0_round_trips_through_a_checkpoint_and_plain_timm(tmp_path, film):
     labels = [f"L{i}" for i in range(3)]
     model = create_model("efficientnet_b0", 3, pretrained=True).eval()

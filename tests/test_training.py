@@ -79,6 +79,7 @@ def test_trained_checkpoint_loads_in_predictor_and_plain_timm(trained, data_dir)
     np.testing.assert_allclose(list(probs.values()), p2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path, small_csv, data_dir):
     train(_cfg(tmp_path, small_csv, data_dir, epochs=3, max_steps=0))
     first = pd.read_csv(tmp_path / "run/log.csv")
@@ -162,6 +163,7 @@ def test_yaml_recipe_and_flags_precedence(tmp_path):
         resolve_config(["--config", str(tmp_path / "bad.yaml")])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, small_csv, data_dir):
     """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 writes the checkpoint."""
     out = tmp_path / "ddp"
