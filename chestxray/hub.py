@@ -6,11 +6,16 @@ A model reference is one of:
 - ``hf-hub:org/name[@revision]``: downloaded into the huggingface_hub cache. When the Hub cannot be
   reached, the cache is used, then the shipped folder whose name matches the repo's name (or the
   one given as ``fallback``), after one log line rather than a minute of retries.
+
+A reference is *pinned* when its revision is a full commit hash (``hf-hub:org/name@<40 hex>``):
+``publish`` prints that reference for the commit it made, and ``models.yaml`` only follows pinned
+ones (a branch such as ``main`` would silently replace the reviewed weights with the newest upload).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -50,6 +55,20 @@ def split_repo(ref: str) -> tuple[str, str | None]:
     repo = ref[len(HUB_PREFIX):] if ref.startswith(HUB_PREFIX) else ref
     repo, _, rev = repo.partition("@")
     return repo, rev or None
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def is_pinned(ref: str) -> bool:
+    """True for ``hf-hub:org/name@<40-hex commit>``: a revision that can never move."""
+    _, rev = split_repo(str(ref).strip())
+    return bool(rev and _COMMIT.fullmatch(rev))
+
+
+def pinned_ref(repo_id: str, commit: str) -> str:
+    """The reference to write in ``models.yaml`` for a published commit: ``hf-hub:org/name@<commit>``."""
+    return f"{HUB_PREFIX}{repo_id}@{commit}"
 
 
 def download(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
@@ -99,6 +118,12 @@ def publish(folder: str | os.PathLike, repo_id: str, *, token: str | None = None
     Returns:
         The commit URL.
     """
+    return upload(folder, repo_id, token=token, private=private, commit_message=commit_message)[0]
+
+
+def upload(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
+           commit_message: str = "Upload chest X-ray checkpoint") -> tuple[str, str | None]:
+    """:func:`publish`, returning ``(commit URL, commit hash)``: the hash pins the reference in ``models.yaml``."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -108,4 +133,5 @@ def publish(folder: str | os.PathLike, repo_id: str, *, token: str | None = None
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                              allow_patterns=CHECKPOINT_PATTERNS, repo_type="model")
-    return str(getattr(info, "commit_url", info))
+    oid = getattr(info, "oid", None)
+    return str(getattr(info, "commit_url", info)), (str(oid) if oid else None)

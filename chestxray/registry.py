@@ -1,12 +1,19 @@
 """The app's model list (``models.yaml``): which checkpoints are installed, loading each once, model cards.
 
-A model is *available* when its shipped folder exists under :func:`chestxray.checkpoint.weights_dir`
-or its Hub repo is already in the Hugging Face cache. Nothing else is ever offered: with no trained
-weights installed the registry is empty, and callers say so (:data:`NO_MODEL`) instead of
-predicting with random weights. ``$CHESTXRAY_MODELS`` overrides the yaml path.
+The list is found by :func:`chestxray.layout.models_file` (``$CHESTXRAY_MODELS``, the checkout's
+``models.yaml``, or the copy installed with the package) and the shipped folders by
+:func:`chestxray.layout.weights_dir`. A model is *available* when its shipped folder exists or its
+pinned Hub revision is already in the Hugging Face cache. Nothing else is ever offered: with no
+trained weights installed the registry is empty, and callers say so (:data:`NO_MODEL`) instead of
+predicting with random weights.
+
+Only pinned Hub references (``hf-hub:org/name@<40-hex commit>``, as ``chestxray publish`` prints them)
+are followed: an unpinned one would let the newest upload silently replace the reviewed weights, so
+it is ignored with one log line and the shipped folder is used.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -18,10 +25,11 @@ import yaml
 from chestxray import hub
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
 from chestxray.labels import GROUP_NAMES
+from chestxray.layout import MODELS_ENV, models_file  # noqa: F401 (MODELS_ENV re-exported)
 from chestxray.predictor import Predictor
 
-MODELS_ENV = "CHESTXRAY_MODELS"
-DEFAULT_YAML = Path(__file__).resolve().parents[1] / "models.yaml"
+log = logging.getLogger(__name__)
+
 #: The one line shown (and raised) when no trained checkpoint is installed.
 NO_MODEL = "No trained model is installed: see the README to train or download one."
 
@@ -46,8 +54,11 @@ class ModelRegistry:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None) -> "ModelRegistry":
-        """Reads the model list (default: ``$CHESTXRAY_MODELS`` or the repo's ``models.yaml``)."""
-        path = Path(path or os.environ.get(MODELS_ENV) or DEFAULT_YAML)
+        """Reads the model list (default: :func:`chestxray.layout.models_file`; none found: an empty list)."""
+        path = Path(path) if path else models_file()
+        if path is None:
+            log.warning("no models.yaml found (set $%s): no model is offered", MODELS_ENV)
+            return cls([])
         data = yaml.safe_load(path.read_text()) or {}
         entries = []
         for item in data.get("models") or []:
@@ -64,7 +75,7 @@ class ModelRegistry:
 
     @staticmethod
     def _in_hf_cache(ref: str | None) -> bool:
-        if not ref or not ref.startswith(hub.HUB_PREFIX):
+        if not ref or not ref.startswith(hub.HUB_PREFIX) or not hub.is_pinned(ref):
             return False
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -95,13 +106,19 @@ class ModelRegistry:
             raise CheckpointError(f"unknown model {name!r}; choose one of: {choices}") from None
 
     def folder(self, name: str) -> Path:
-        """The local checkpoint folder of a model (Hub download or cache, else its shipped folder)."""
+        """The local checkpoint folder of a model (pinned Hub revision, downloaded or cached, else its shipped folder)."""
         entry = self._entry(name)
         if name in self._cache:
             return self._cache[name].ckpt.path
+        local = entry.local or entry.name
+        if entry.hub and hub.is_pinned(entry.hub):
+            return hub.resolve(entry.hub, fallback=local)
         if entry.hub:
-            return hub.resolve(entry.hub, fallback=entry.local or entry.name)
-        return hub.resolve(entry.local or entry.name)
+            _warn_unpinned(entry.hub, local)
+        if self._shipped(entry):
+            return weights_dir() / local
+        why = f"{entry.hub} is not pinned to a commit and " if entry.hub else ""
+        raise CheckpointError(f"model {name!r} is not installed: {why}there is no {weights_dir() / local}")
 
     def get(self, name: str) -> Predictor:
         """The model's :class:`Predictor`, loaded once (concurrent first calls wait for one load)."""
@@ -144,6 +161,17 @@ class ModelRegistry:
             card.update({"val_mean_auroc_ci": ci} if (ci := _ci(training.get("val_mean_auroc_ci"))) else {})
         card.update({"metrics": summary} if (summary := _metrics_summary(meta)) else {})
         return card
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unpinned(ref: str, local: str) -> None:
+    """One log line per reference and process: an unpinned Hub reference is never followed."""
+    if ref not in _WARNED:
+        _WARNED.add(ref)
+        log.warning("models.yaml: %s is not pinned to a commit (write hf-hub:org/name@<commit>, as `chestxray "
+                    "publish` prints it): not following it; using shipped weights/%s", ref, local)
 
 
 def _is_num(v: Any) -> bool:

@@ -26,9 +26,10 @@ META = {"training": {"val_mean_auroc": 0.6123, "val_mean_auroc_ci": [0.58, 0.64]
                     "n_test_images": {"kermany": 30, "nih384": 60, "reproduce_chexnet": 40}}}
 
 
-def _yaml(path: Path, names, default=None) -> Path:
+def _yaml(path: Path, names, default=None, rev: str | None = "a" * 40) -> Path:
+    """A models yaml naming ``names``, their Hub references pinned to ``rev`` (None: unpinned)."""
     lines = [f"default: {default or names[0]}", "models:"]
-    lines += [f"  - {{name: {n}, hub: 'hf-hub:nobody/{n}', local: {n}}}" for n in names]
+    lines += [f"  - {{name: {n}, hub: 'hf-hub:nobody/{n}{'@' + rev if rev else ''}', local: {n}}}" for n in names]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -293,6 +294,34 @@ def test_registry_hf_cache(env, tmp_path, monkeypatch):
     assert first == "test, NIH, label-balanced films (reproduce_chexnet sample)"
     assert card["metrics"][first] == {"mean_auroc": 0.6, "mean_auroc_ci": [0.55, 0.65], "n_images": 40}
     assert len(card["metrics"]) == 3 and len(card["thresholds"]) == 15
+
+
+def test_registry_never_follows_an_unpinned_hub_reference(env, tmp_path, monkeypatch, caplog):
+    """An unpinned reference is ignored, even when cached (one log line): the shipped folder is used."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from chestxray import hub
+    from chestxray.registry import ModelRegistry
+
+    snap = tmp_path / "hub" / "models--nobody--tiny_res" / "snapshots" / ("b" * 40)
+    shutil.copytree(env / "weights" / "tiny_eff", snap)  # the "newest upload" differs from the shipped folder
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("an unpinned reference was followed"))
+    r = ModelRegistry.from_yaml(_yaml(tmp_path / "m.yaml", ["tiny_res", "cached_only"], rev=None))
+    assert r.available() == ["tiny_res"]  # cached_only exists only in the cache, unpinned: not offered
+    with caplog.at_level("WARNING", logger="chestxray.registry"):
+        assert r.folder("tiny_res") == env / "weights" / "tiny_res"
+        r.folder("tiny_res")
+    lines = [rec.getMessage() for rec in caplog.records if "not pinned" in rec.getMessage()]
+    assert len(lines) <= 1 and all("hf-hub:nobody/tiny_res" in m for m in lines)
+    with pytest.raises(ValueError, match="not pinned to a commit and there is no"):
+        r.folder("cached_only")
+    assert hub.is_pinned("hf-hub:org/x@" + "0" * 40) and not hub.is_pinned("hf-hub:org/x@main")
+    assert not hub.is_pinned("hf-hub:org/x") and hub.split_repo("hf-hub:org/x@" + "0" * 40)[1] == "0" * 40
 
 
 def test_registry_card_is_defensive(env, tmp_path, monkeypatch):
