@@ -1,7 +1,9 @@
-"""Command line: ``python -m chestxray {predict,evaluate,localize,release,publish,fit-gate} ...``.
+"""Command line: ``chestxray {predict,evaluate,localize,train,release,publish,fit-gate} ...``.
 
-User errors (unreadable images, unknown models, bad options) end with one ``error:`` line and a
-non-zero exit code, never a traceback.
+Installed as the ``chestxray`` console script; ``python -m chestxray`` is the same. User errors
+(unreadable images, unknown models, bad options) end with one ``error:`` line and a non-zero exit
+code, never a traceback. Every heavy import (torch, timm, the imaging stack) happens inside the
+command that needs it, so ``--help`` and ``--version`` answer at once.
 """
 from __future__ import annotations
 
@@ -13,25 +15,33 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from chestxray.checkpoint import CheckpointError
-from chestxray.imaging import SUPPORTED_EXTENSIONS, ImageReadError
+from chestxray import __version__
+from chestxray.layout import WEIGHTS_ENV, CheckpointError, default_data_root, weights_dir
 
 log = logging.getLogger("chestxray")
 
 
 def default_model() -> str:
-    """The app's default model (``models.yaml``), so the CLI and the app agree."""
+    """The app's default model (``models.yaml``), so the CLI and the app agree.
+
+    Returns its shipped name when its folder is under :func:`weights_dir` (as before), else the
+    local folder the registry resolved (a pinned Hub revision in the Hugging Face cache).
+    """
     from chestxray.registry import ModelRegistry
 
     registry = ModelRegistry.from_yaml()
     name = registry.default()
     if name is None:
-        raise CheckpointError("no trained model is installed in weights/; pass --model")
-    return name
+        raise CheckpointError(f"no trained model is installed (looked in {weights_dir()} and the Hugging Face "
+                              f"cache); set ${WEIGHTS_ENV} or pass --model")
+    folder = registry.folder(name)
+    return name if folder == weights_dir() / name else str(folder)
 
 
 def iter_images(paths: Sequence[str]) -> Iterator[Path]:
     """Files as given, and folders walked recursively for image/DICOM files (extension-less included)."""
+    from chestxray.imaging import SUPPORTED_EXTENSIONS
+
     for p in map(Path, paths):
         if p.is_dir():
             for f in sorted(p.rglob("*")):
@@ -46,7 +56,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predicts every image; a bad file is reported and skipped, the others are still predicted."""
     from tqdm import tqdm
 
-    from chestxray.imaging import read_image
+    from chestxray.imaging import ImageReadError, read_image
     from chestxray.predictor import Predictor
 
     predictor = Predictor.load(args.model or default_model())
@@ -159,85 +169,130 @@ def cmd_fit_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    """Uploads a checkpoint folder to the Hugging Face Hub."""
-    from chestxray.hub import publish
+    """Uploads a checkpoint folder to the Hugging Face Hub and prints the pinned reference for ``models.yaml``."""
+    from chestxray.hub import pinned_ref, upload
 
-    print(publish(args.folder, args.repo_id, token=args.token, private=args.private))
+    url, commit = upload(args.folder, args.repo_id, token=args.token, private=args.private)
+    print(url)
+    if commit:
+        print(f"pin it in models.yaml: hub: {pinned_ref(args.repo_id, commit)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m chestxray`` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m chestxray", description="Chest X-ray classification toolkit")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """Hands the remaining arguments to :mod:`chestxray.train_cli` (its flags come from TrainConfig)."""
+    from chestxray.train_cli import main as train_main
 
-    pr = sub.add_parser("predict", help="probabilities per label for images, folders (recursive) or DICOMs")
-    pr.add_argument("paths", nargs="+", metavar="PATH")
-    pr.add_argument("--model", help="shipped name, checkpoint folder or hf-hub:org/name (default: the app's)")
-    pr.add_argument("--out", help="CSV file (default: standard output)")
+    return train_main(list(rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``chestxray`` argument parser (``train``'s own flags are parsed by :mod:`chestxray.train_cli`)."""
+    p = argparse.ArgumentParser(
+        prog="chestxray", description="Chest X-ray classification toolkit: predict, explain, evaluate, train, "
+        "release and publish multi-label chest X-ray models.",
+        epilog="Each command has its own --help, with examples. Models are found as the README's \"Where models "
+               f"are found\" says (${WEIGHTS_ENV}, the checkout's weights/, the installed copy, pinned hf-hub: "
+               "references).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (each command has its own --help, with an example)")
+
+    def command(name: str, help: str, example: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                              epilog="example:\n  " + example.replace("\n", "\n  "),
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    model_help = "shipped name, checkpoint folder or hf-hub:org/name[@commit] (default: the app's default model)"
+    data_help = "folder of the shared data sources (default: $CHESTXRAY_DATA, else shared/data beside the checkout)"
+
+    pr = command("predict", "probabilities per label for images, folders (recursive) or DICOMs",
+                 "chestxray predict --out preds.csv film.dcm scans/\n"
+                 "chestxray predict --model efficientnet_b0 --cam-dir cams/ --cam-label positive film.png")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image or DICOM files, or folders to walk recursively")
+    pr.add_argument("--model", help=model_help)
+    pr.add_argument("--out", help="CSV file: path, then one probability column per label (default: standard output)")
     pr.add_argument("--cam-dir", help="write Grad-CAM overlay PNGs here")
     pr.add_argument("--cam-label", help="label to explain (default: the top one; 'positive' = all above threshold)")
     pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")
     pr.set_defaults(func=cmd_predict)
 
-    ev = sub.add_parser("evaluate", help="metrics.json, ROC curves and confusion matrices on labelled images")
-    ev.add_argument("--model")
+    ev = command("evaluate", "metrics.json, ROC curves and confusion matrices on labelled images",
+                 "chestxray evaluate --model resnet18 --source nih384 --split test --out eval/\n"
+                 "chestxray evaluate --model my_run/best --labels labels.csv --images films/ --out eval/")
+    ev.add_argument("--model", help=model_help)
     ev.add_argument("--labels", help="label CSV (NIH layout, or one 0/1/blank column per label)")
     ev.add_argument("--images", help="folder the CSV's image names are relative to (default: the CSV's)")
     ev.add_argument("--source", action="append", help="shared-data source name instead (repeatable): "
                                                       "nih384, nih64, kermany, covid, tbx11k")
-    ev.add_argument("--data-root", default="../shared/data")
+    ev.add_argument("--data-root", default=default_data_root(), help=data_help)
     ev.add_argument("--split", help="only images this checkpoint's splits.csv puts in SPLIT (e.g. test)")
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--out", required=True, help="output folder (metrics.json, roc.png, confusion.png, "
+                                                 "predictions.csv)")
     ev.set_defaults(func=cmd_evaluate)
 
-    lc = sub.add_parser("localize", help="pointing game: Grad-CAM maxima vs radiologists' boxes (NIH, RSNA)")
-    lc.add_argument("--model")
-    lc.add_argument("--data-root", default="../shared/data")
+    lc = command("localize", "pointing game: Grad-CAM maxima vs radiologists' boxes (NIH, RSNA)",
+                 "chestxray localize --model resnet18 --out pointing.json")
+    lc.add_argument("--model", help=model_help)
+    lc.add_argument("--data-root", default=default_data_root(), help=data_help)
     lc.add_argument("--out", help="write every film's result as JSON here")
     lc.set_defaults(func=cmd_localize)
 
-    rl = sub.add_parser("release", help="evaluate a training run and install it as a shipped checkpoint")
+    command("train", "train a model: defaults < YAML recipe (--config) < flags; 'chestxray train --help' lists "
+                     "every option", "chestxray train --config train/configs/resnet18.yaml --epochs 3",
+            add_help=False).set_defaults(func=cmd_train)
+
+    rl = command("release", "evaluate a training run and install it as a shipped checkpoint",
+                 "chestxray release runs/resnet18 --name resnet18")
     rl.add_argument("run", help="training run folder (with best/, manifest.csv, log.csv)")
-    rl.add_argument("--name")
-    rl.add_argument("--dest", help="destination root (default: weights/)")
-    rl.add_argument("--data-root")
-    rl.add_argument("--n-boot", type=int, default=1000)
+    rl.add_argument("--name", help="shipped folder name (default: the run folder's name)")
+    rl.add_argument("--dest", help="destination root (default: the weights folder, see the README)")
+    rl.add_argument("--data-root", help="folder of the shared data sources (default: the run's)")
+    rl.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     rl.add_argument("--repo-id", help="Hub repo id for the model card's usage snippet")
     rl.add_argument("--no-gate", action="store_true", help="do not fit the input gate")
     rl.set_defaults(func=cmd_release)
 
-    pb = sub.add_parser("publish", help="upload a checkpoint folder to the Hugging Face Hub")
-    pb.add_argument("folder")
-    pb.add_argument("repo_id")
-    pb.add_argument("--token", default=os.environ.get("HF_TOKEN"))
-    pb.add_argument("--private", action="store_true")
+    pb = command("publish", "upload a checkpoint folder to the Hugging Face Hub and print its pinned reference",
+                 "HF_TOKEN=hf_... chestxray publish weights/resnet18 org/cxr-resnet18")
+    pb.add_argument("folder", help="checkpoint folder (config.json + model.safetensors, card, plots)")
+    pb.add_argument("repo_id", help="Hub model repo, org/name (created if missing)")
+    pb.add_argument("--token", default=os.environ.get("HF_TOKEN"), help="Hub token (default: $HF_TOKEN, else "
+                                                                        "the saved login)")
+    pb.add_argument("--private", action="store_true", help="create the repo private")
     pb.set_defaults(func=cmd_publish)
 
-    fg = sub.add_parser("fit-gate", help="fit the input gate of a checkpoint folder and report its rates")
+    fg = command("fit-gate", "fit the input gate of a checkpoint folder and report its rates",
+                 "chestxray fit-gate --model weights/resnet18 --manifest runs/resnet18/manifest.csv")
     fg.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
-    fg.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    fg.add_argument("--data-root", default=default_data_root(), help=data_help)
     fg.add_argument("--out", default=None, help="output file (default: <model>/gate.safetensors)")
     fg.add_argument("--manifest", default=None,
                     help="the training run's manifest.csv (default: found beside the model folder or in its parent)")
     fg.add_argument("--target-fa", type=float, default=0.01, help="false-alarm rate aimed at on val chest X-rays")
-    fg.add_argument("--max-train-per-source", type=int, default=600)
-    fg.add_argument("--max-eval-per-source", type=int, default=300)
+    fg.add_argument("--max-train-per-source", type=int, default=600, help="fitting films per source (default 600)")
+    fg.add_argument("--max-eval-per-source", type=int, default=300,
+                    help="evaluation films per source (default 300)")
     fg.add_argument("--no-embedding", action="store_true", help="appearance components only")
     fg.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    fg.add_argument("--seed", type=int, default=0)
+    fg.add_argument("--seed", type=int, default=0, help="random seed of the film sampling (default 0)")
     fg.set_defaults(func=cmd_fit_gate)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":  # `train` parses its own flags (chestxray.train_cli)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from chestxray.imaging import ImageReadError  # after parsing: --help never imports the imaging stack
+
     try:
-        return args.func(args)
+        return cmd_train(args, rest) if args.command == "train" else args.func(args)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {msg}", file=sys.stderr)

@@ -151,8 +151,7 @@ def test_distilled_student_keeps_the_teacher_split(trained, tmp_path, small_csv,
 
 
 def test_yaml_recipe_and_flags_precedence(tmp_path):
-    sys.path.insert(0, str(REPO / "train"))
-    from train import resolve_config  # noqa: E402  (train/train.py)
+    from chestxray.train_cli import resolve_config  # what train/train.py and `chestxray train` run
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("base: " + str(REPO / "train/configs/base.yaml") + "\narch: resnet18\nepochs: 3\n")
