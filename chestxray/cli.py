@@ -52,8 +52,18 @@ def iter_images(paths: Sequence[str]) -> Iterator[Path]:
             yield p
 
 
+#: The CSV's columns after ``path`` and the labels (the app's batch CSV has the same ones).
+ABOVE, WARNING, ERROR = "above_threshold", "warning", "error"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predicts every image; a bad file is reported and skipped, the others are still predicted."""
+    """Predicts every image into a CSV; a bad file gets a row with its error (and a stderr line), the others
+    are still predicted.
+
+    Columns: ``path``, one probability per label, ``above_threshold`` (the labels at or above their
+    operating threshold, most probable first, ``;``-separated), ``warning`` (the input gate's, ``; ``-separated)
+    and ``error`` (why a file could not be read; its probabilities are then empty).
+    """
     from tqdm import tqdm
 
     from chestxray.imaging import ImageReadError, read_image
@@ -66,7 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
     writer = csv.writer(out)
-    writer.writerow(["path", *predictor.labels])
+    writer.writerow(["path", *predictor.labels, ABOVE, WARNING, ERROR])
     cam_dir = Path(args.cam_dir) if args.cam_dir else None
     if cam_dir:
         cam_dir.mkdir(parents=True, exist_ok=True)
@@ -77,16 +87,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except ImageReadError as err:
             failed += 1
             print(f"skipped {f}: {err}", file=sys.stderr)
+            writer.writerow([str(f), *([""] * len(predictor.labels)), "", "", str(err)])
             continue
         a = predictor.analyze(xray)  # the XrayImage carries what the gate reads (metadata, colour)
-        writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs)])
+        writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs), ";".join(a.positives()),
+                         "; ".join(str(w) for w in a.warnings), ""])
         for w in a.warnings:
             print(f"warning {f}: {w}", file=sys.stderr)
         if cam_dir:
             _write_cams(a, f, cam_dir, args.cam_label, args.alpha)
     if args.out:
         out.close()
-    print(f"{len(files) - failed} predicted, {failed} skipped", file=sys.stderr)
+    print(f"{len(files) - failed} predicted, {failed} skipped" + (" (see the error column)" if failed else ""),
+          file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -212,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "chestxray predict --model efficientnet_b0 --cam-dir cams/ --cam-label positive film.png")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image or DICOM files, or folders to walk recursively")
     pr.add_argument("--model", help=model_help)
-    pr.add_argument("--out", help="CSV file: path, then one probability column per label (default: standard output)")
+    pr.add_argument("--out", help="CSV file: path, one probability column per label, above_threshold, warning, "
+                                  "error (default: standard output)")
     pr.add_argument("--cam-dir", help="write Grad-CAM overlay PNGs here")
     pr.add_argument("--cam-label", help="label to explain (default: the top one; 'positive' = all above threshold)")
     pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")

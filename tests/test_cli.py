@@ -1,4 +1,4 @@
-"""The command line on real files: CSV layout, bad files skipped with one line, CAM PNGs, privacy."""
+"""The command line on real files: CSV layout (the app's columns), bad files skipped with one line, CAM PNGs, privacy."""
 from __future__ import annotations
 
 import csv
@@ -39,8 +39,16 @@ def test_predict_folder_recursively_with_a_bad_file(model_dir, data_dir, tmp_pat
     err = capsys.readouterr().err
     assert code == 1  # one file failed, the rest were predicted
     rows = _read_csv(out.read_text())
-    assert rows[0] == ["path", *get_label_set("nih14")]
-    assert len(rows) == 4 and all(0.0 <= float(v) <= 1.0 for r in rows[1:] for v in r[1:])
+    labels = get_label_set("nih14")
+    assert rows[0] == ["path", *labels, "above_threshold", "warning", "error"]  # the app's batch CSV columns
+    assert len(rows) == 5  # the unreadable file too: its row says why, so scripts need not parse stderr
+    by_path = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    broken = by_path.pop(str(folder / "sub/broken.png"))
+    assert broken["error"] and all(broken[k] == "" for k in (*labels, "above_threshold", "warning"))
+    for row in by_path.values():
+        assert row["error"] == "" and all(0.0 <= float(row[k]) <= 1.0 for k in labels)
+        flagged = [k for k in row["above_threshold"].split(";") if k]
+        assert set(flagged) == {k for k in labels if float(row[k]) >= 0.5}  # the tiny model's thresholds: 0.5
     assert sum(1 for line in err.splitlines() if line.startswith("skipped") and "broken.png" in line) == 1
     assert "Traceback" not in err and "3 predicted, 1 skipped" in err
     assert len(list((tmp_path / "cams").glob("*.png"))) == 3
@@ -55,11 +63,29 @@ def test_predict_to_stdout_and_cam_label(model_dir, data_dir, tmp_path, capsys):
     assert (tmp_path / "00000100_000_Effusion.png").is_file()
 
 
+def test_gate_warning_goes_to_the_csv(model_dir, data_dir, monkeypatch, capsys):
+    """The input gate's warnings land in the CSV's warning column (and still on stderr)."""
+    from chestxray.predictor import Predictor
+
+    real = Predictor.analyze
+    text = "This does not look like a frontal chest X-ray"
+    monkeypatch.setattr(Predictor, "analyze",
+                        lambda self, image, *a, **k: (r := real(self, image, *a, **k), r.warnings.append(text))[0])
+    img = data_dir / "nih/images_384/00000100_000.png"
+    assert main(["predict", "--model", str(model_dir), str(img)]) == 0
+    captured = capsys.readouterr()
+    row = dict(zip(*_read_csv(captured.out)))
+    assert row["warning"] == text and row["error"] == "" and f"warning {img}: {text}" in captured.err
+
+
 @pytest.mark.parametrize("name", BAD)
 def test_every_bad_file_gets_one_line_and_nonzero_exit(name, model_dir, bad_corpus, capsys):
     assert main(["predict", "--model", str(model_dir), str(bad_corpus[name])]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert err[0].startswith("skipped") and "Traceback" not in "\n".join(err)
+    row = dict(zip(*_read_csv(captured.out)))
+    assert row["error"] and row["error"] in err[0]  # the same one line, in the CSV's error column
 
 
 @pytest.mark.parametrize("name", GOOD)
@@ -95,3 +121,4 @@ def test_module_entry_point_runs(model_dir, data_dir):
                          cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("path,Atelectasis,")
+    assert res.stdout.splitlines()[0].endswith(",No Finding,above_threshold,warning,error")
