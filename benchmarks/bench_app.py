@@ -1,6 +1,6 @@
 """End-to-end latency of the app's /predict endpoint through gradio_client, per model.
 
-    .venv/bin/python benchmarks/bench_app.py --n 20 [--image path] [--models resnet18,efficientnet_b0]
+    .venv/bin/python -m benchmarks.bench_app --n 20 [--image path] [--models resnet18,efficientnet_b0]
 
 Serves the app on 127.0.0.1 (queue and concurrency as in production) on the real shipped weights of
 ``models.yaml`` when any are installed; otherwise on two tiny random-weight checkpoints, and says so
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DEFAULT_IMAGE = REPO / "examples" / "00001369_000.png"
 
 

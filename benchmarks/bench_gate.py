@@ -1,6 +1,6 @@
 """Input gate: false alarms on held-out real chest X-rays and catches on images that are not.
 
-    .venv/bin/python benchmarks/bench_gate.py --model runs/resnet18/best [--gate path/gate.safetensors]
+    .venv/bin/python -m benchmarks.bench_gate --model runs/resnet18/best [--gate path/gate.safetensors]
 
 Chest X-rays (false-alarm rate, per source): the *test* split of the model's run manifest (or of a
 patient split when the folder has none; TBX11K gets its own split), never used to fit or calibrate
@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from chestxray.gate import GATE_FILE, Gate  # noqa: E402
-from chestxray.gate_fit import (EXTRA_CHEST_FILES, NON_CHEST_FILES, chest_manifest, evaluate,  # noqa: E402
+from chestxray.gate import GATE_FILE, Gate
+from chestxray.gate_fit import (EXTRA_CHEST_FILES, NON_CHEST_FILES, chest_manifest, evaluate,
                                 format_rows, sample_rows)
-from chestxray.imaging import SUPPORTED_EXTENSIONS, read_image  # noqa: E402
-from chestxray.predictor import Predictor  # noqa: E402
+from chestxray.imaging import SUPPORTED_EXTENSIONS, read_image
+from chestxray.predictor import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_negatives(paths: list[str], seed: int = 0) -> dict[str, list[np.ndarray]]:

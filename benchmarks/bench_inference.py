@@ -6,27 +6,24 @@ Prints a Markdown table: median and p95 over many runs, at each model's input si
 present (their input size), else random weights at ``--size``. Also times pytorch-grad-cam's
 GradCAM for ONE label, for comparison with the all-label path.
 
-    python benchmarks/bench_inference.py [--threads 2] [--runs 30]
+    python -m benchmarks.bench_inference [--threads 2] [--runs 30]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from chestxray.cam import method_cam  # noqa: E402
-from chestxray.checkpoint import Checkpoint, list_shipped, load_checkpoint, weights_dir  # noqa: E402
-from chestxray.labels import get_label_set  # noqa: E402
-from chestxray.models import PRODUCT_ARCHS, create_model  # noqa: E402
-from chestxray.predictor import Predictor  # noqa: E402
-from chestxray.transforms import Preprocess  # noqa: E402
+from chestxray.cam import method_cam
+from chestxray.checkpoint import Checkpoint, list_shipped, load_checkpoint, weights_dir
+from chestxray.labels import get_label_set
+from chestxray.models import PRODUCT_ARCHS, create_model
+from chestxray.predictor import Predictor
+from chestxray.transforms import Preprocess
 
 
 def timed(fn, runs: int, warmup: int = 3) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """Input-pipeline throughput: decoding files every epoch vs the uint8 memmap cache.
 
-    .venv/bin/python benchmarks/bench_pipeline.py --n 300 --size 128
+    .venv/bin/python -m benchmarks.bench_pipeline --n 300 --size 128
 
 (a) RawXrayDataset: read_image + resize_gray per item, through a DataLoader, every epoch.
 (b) CachedImages + XrayDataset: one-time build (timed separately), then uint8 reads.
@@ -9,19 +9,16 @@ Both apply batch_augment to every batch, so the only difference is decoding vs t
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from chestxray.data import RawXrayDataset, XrayDataset, batch_augment, build_cache, load_sources
+from chestxray.labels import get_label_set
 
-from chestxray.data import (RawXrayDataset, XrayDataset, batch_augment, build_cache,  # noqa: E402
-                            load_sources)
-from chestxray.labels import get_label_set  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_epochs(loader, epochs: int, device: torch.device, augment: bool = True,
