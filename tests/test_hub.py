@@ -71,7 +71,9 @@ def test_publish_refuses_a_non_checkpoint(tmp_path, fake_hub):
 def test_publish_command(tmp_path, fake_hub, capsys):
     folder = make_checkpoint(tmp_path / "ck")
     assert main(["publish", str(folder), "org/cxr", "--token", "hf_fake"]) == 0
-    assert "commit/1234" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert "commit/1234" in out[0]
+    assert out[1] == "pin it in models.yaml: hub: hf-hub:org/cxr@" + "1234" * 10  # the line models.yaml needs
 
 
 @pytest.mark.slow  # trains, evaluates and releases a model
