@@ -24,8 +24,8 @@ log = logging.getLogger("chestxray")
 def default_model() -> str:
     """The app's default model (``models.yaml``), so the CLI and the app agree.
 
-    Returns its shipped name when its folder is under :func:`weights_dir` (as before), else the
-    local folder the registry resolved (a pinned Hub revision in the Hugging Face cache).
+    Returns its shipped name when its folder is under :func:`weights_dir`, else the local folder the
+    registry resolved (a pinned Hub revision in the Hugging Face cache), which ``Predictor.load`` takes too.
     """
     from chestxray.registry import ModelRegistry
 
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("train", "train a model: defaults < YAML recipe (--config) < flags; 'chestxray train --help' lists "
                      "every option", "chestxray train --config train/configs/resnet18.yaml --epochs 3",
-            add_help=False).set_defaults(func=cmd_train)
+            add_help=False)  # main() hands it the remaining arguments: `chestxray train --help` is train_cli's
 
     rl = command("release", "evaluate a training run and install it as a shipped checkpoint",
                  "chestxray release runs/resnet18 --name resnet18")
@@ -302,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":  # `train` parses its own flags (chestxray.train_cli)
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command != "train":  # training logs its progress at INFO level itself (chestxray.train_cli)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from chestxray.imaging import ImageReadError  # after parsing: --help never imports the imaging stack
 
     try:
