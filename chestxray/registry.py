@@ -113,9 +113,9 @@ class ModelRegistry:
         local = entry.local or entry.name
         if entry.hub and hub.is_pinned(entry.hub):
             return hub.resolve(entry.hub, fallback=local)
-        if entry.hub:
-            _warn_unpinned(entry.hub, local)
         if self._shipped(entry):
+            if entry.hub:
+                _warn_unpinned(entry.hub, local)
             return weights_dir() / local
         why = f"{entry.hub} is not pinned to a commit and " if entry.hub else ""
         raise CheckpointError(f"model {name!r} is not installed: {why}there is no {weights_dir() / local}")
