@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The README's results table: every shipped model evaluated afresh on its own held-out test split.
 
-    python benchmarks/results_table.py [--threads 2] [--runs 20] [--n-boot 1000]
+    python -m benchmarks.results_table [--threads 2] [--runs 20] [--n-boot 1000]
 
 Each model is evaluated with ``chestxray.evaluate`` on the images its ``splits.csv`` puts in the
 test split (exactly what ``python -m chestxray evaluate --split test`` does). Columns: NIH mean
@@ -16,21 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from chestxray.checkpoint import list_shipped, load_checkpoint, weights_dir  # noqa: E402
-from chestxray.evaluate import BALANCED_COHORT, evaluate  # noqa: E402
-from chestxray.imaging import read_image  # noqa: E402
-from chestxray.localization import held_out_pointing_game  # noqa: E402
-from chestxray.predictor import Predictor  # noqa: E402
+from chestxray.checkpoint import list_shipped, load_checkpoint, weights_dir
+from chestxray.evaluate import BALANCED_COHORT, evaluate
+from chestxray.imaging import read_image
+from chestxray.localization import held_out_pointing_game
+from chestxray.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
