@@ -174,15 +174,19 @@ def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | 
     # Only a selection on balanced validation films is a fair comparison; older models chosen on
     # a mixed validation set compete only when no model was selected the fair way.
     balanced = [r for r in rows if HEADLINE in (r["val_sources"] or [])]
+    n_mixed = len(rows) - len(balanced)
     rows = balanced or rows
     best = max(rows, key=lambda r: r["val_mean_auroc"])
     path = Path(models_yaml)
     path.write_text(re.sub(r"(?m)^default:.*$", f"default: {best['name']}", path.read_text(), count=1))
     others = ", ".join(f"{r['name']} {r['val_mean_auroc']:.3f}" for r in rows if r is not best)
     on = "NIH's label-balanced validation films" if balanced else "NIH validation images"
-    section = (f"\n## The app's default model\n\nThis is the demo's default model: the best of the {len(rows)} "
-               f"comparable shipped models by validation mean AUROC on {on} ({best['val_mean_auroc']:.3f}"
-               f"{'; ' + others if others else ''}).\n")
+    among = (f"the best of the {len(rows)} shipped models selected on {on}, by validation mean AUROC "
+             f"({best['val_mean_auroc']:.3f}; {others})" if others else
+             f"the only shipped model selected on {on} (validation mean AUROC {best['val_mean_auroc']:.3f})"
+             + ("; the others were selected on mixed validation sets, which favour telling normal from abnormal"
+                if balanced and n_mixed else ""))
+    section = f"\n## The app's default model\n\nThis is the demo's default model: {among}.\n"
     marker = "\n## The app's default model\n"
     for card in root.glob("*/README.md"):
         if marker in (text := card.read_text()):  # the default may have moved: only one card says it
