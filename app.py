@@ -30,6 +30,22 @@ def _limit_malloc_arenas(n: int = 2) -> None:
 
 _limit_malloc_arenas()
 
+
+def _trim_heap() -> None:
+    """Hands the heap pages freed by a request back to the OS (glibc's malloc_trim).
+
+    Even with 2 arenas, glibc keeps freed image and activation buffers mapped, so RSS crept up by
+    about 50-60 MiB per 100 requests under 16 clients; trimming after each request bounds it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    _LIBC.malloc_trim  # noqa: B018 - glibc only (musl has no malloc_trim)
+except (OSError, AttributeError):
+    _LIBC = None
+
 import atexit  # noqa: E402
 import csv  # noqa: E402
 import functools  # noqa: E402
@@ -102,6 +118,8 @@ def user_errors(fn):
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error("Unexpected error while processing the request (details are in the server log).",
                            print_exception=False) from None
+        finally:
+            _trim_heap()
 
     return wrapper
 
