@@ -94,21 +94,21 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     P = probs[ok].astype(np.float64)
     sources = df["source"].to_numpy()[ok].astype(str)
     cohorts = (df["cohort"].fillna(df["source"]) if "cohort" in df.columns else df["source"]).to_numpy()[ok].astype(str)
-    metrics = evaluate_predictions(Y, P, labels, predictor.thresholds, n_boot=n_boot, seed=seed)
-    metrics["flags_per_normal_film"] = flags_on_normal_films(Y, P, labels, predictor.thresholds)
-    # One group per source, plus each cohort that is a proper part of its source: NIH's label-
-    # balanced reproduce_chexnet films are the fair test of the 14 findings, its darkcovidnet
-    # sample (No Finding / Pneumonia only) is not.
-    parts = {s: sources == s for s in np.unique(sources)}
+    metrics = evaluate_predictions(Y, P, labels, predictor.thresholds, groups=sources, n_boot=n_boot, seed=seed)
+    # Beside each source, each cohort that is a proper part of its source: NIH's label-balanced
+    # reproduce_chexnet films are the fair test of the 14 findings, its darkcovidnet sample
+    # (No Finding / Pneumonia only) is not.
+    parts = {s: sources == s for s in metrics["by_group"]}
     for c in np.unique(cohorts):
         rows = cohorts == c
         if c not in parts and (c == BALANCED_COHORT or rows.sum() < parts[sources[rows][0]].sum()):
             parts[c] = rows
-    metrics["by_group"] = {}
+            metrics["by_group"][c] = evaluate_predictions(Y[rows], P[rows], labels, predictor.thresholds,
+                                                          n_boot=n_boot, seed=seed)
+    metrics["flags_per_normal_film"] = flags_on_normal_films(Y, P, labels, predictor.thresholds)
     for name, rows in parts.items():
-        g = evaluate_predictions(Y[rows], P[rows], labels, predictor.thresholds, n_boot=n_boot, seed=seed)
-        g["flags_per_normal_film"] = flags_on_normal_films(Y[rows], P[rows], labels, predictor.thresholds)
-        metrics["by_group"][name] = g
+        metrics["by_group"][name]["flags_per_normal_film"] = flags_on_normal_films(Y[rows], P[rows], labels,
+                                                                                   predictor.thresholds)
     metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
                    unreadable=dict(list(errors.items())[:20]),
                    sources=sorted(df["source"].unique().tolist()))
