@@ -198,7 +198,7 @@ def _metrics_summary(meta: dict) -> dict[str, Any]:
         if isinstance(block.get("mean_auroc"), dict):  # per group
             cis = block.get("mean_auroc_ci") if isinstance(block.get("mean_auroc_ci"), dict) else {}
             ns = block.get("n_test_images") if isinstance(block.get("n_test_images"), dict) else {}
-            first = [block.get("headline_group"), block.get("mixed_group")]
+            first = [block.get("headline_group", block.get("headline_source")), block.get("mixed_group")]  # v1: headline_source
             groups = sorted(block["mean_auroc"], key=lambda g: (g not in first, first.index(g) if g in first else 0, g))
             flat = {f"{split}, {GROUP_NAMES.get(g, g)}": {"mean_auroc": block["mean_auroc"][g],
                                                            "mean_auroc_ci": cis.get(g), "n_images": ns.get(g)}
