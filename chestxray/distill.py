@@ -25,10 +25,17 @@ from chestxray.cache import CachedImages
 log = logging.getLogger(__name__)
 
 
-def _key(teachers: Sequence[str], paths: Sequence[str], labels: Sequence[str]) -> str:
+def _key(teachers: Sequence[str], paths: Sequence[str], labels: Sequence[str],
+         weights: Sequence[dict[str, torch.Tensor]] = ()) -> str:
+    """Names, labels, image paths and the teachers' weights: a re-trained teacher under the same
+    name must not reuse the soft targets of its predecessor."""
     h = hashlib.sha256(json.dumps([list(teachers), list(labels)]).encode())
     for p in paths:
         h.update(p.encode())
+    for state in weights:
+        for name, t in sorted(state.items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -47,15 +54,15 @@ def teacher_probs(teachers: Sequence[str], cache: CachedImages, paths: Sequence[
     """
     from chestxray.checkpoint import load_checkpoint
 
-    key = _key(teachers, paths, labels)
+    cks = [load_checkpoint(ref) for ref in teachers]
+    key = _key(teachers, paths, labels, [ck.model.state_dict() for ck in cks])
     stored = Path(out_dir) / f"teacher_probs_{key}.npy" if out_dir else None
     if stored is not None and stored.is_file():
         return np.load(stored)
     total = np.zeros((len(paths), len(labels)), dtype=np.float64)
     count = np.zeros(len(labels), dtype=np.float64)
     rows = np.array([cache.index_of(p) for p in paths], dtype=np.int64)
-    for ref in teachers:
-        ck = load_checkpoint(ref)
+    for ck in cks:
         cols = [labels.index(name) if name in labels else -1 for name in ck.labels]
         for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher {ck.name}", disable=not progress,
                           leave=False):

@@ -150,6 +150,35 @@ def test_distilled_student_keeps_the_teacher_split(trained, tmp_path, small_csv,
     assert np.isfinite(pd.read_csv(os.path.join(cfg.out, "log.csv"))["train_loss"]).all()
 
 
+def test_teacher_probs_are_recomputed_when_the_teacher_changes(trained, tmp_path):
+    """Soft targets are cached by the teachers' weights, not only their names: a re-trained teacher
+    under the same name (e.g. a new release of efficientnet_b0) must not reuse stale targets."""
+    import shutil
+
+    import safetensors.torch
+
+    from chestxray.cache import build_cache
+    from chestxray.distill import teacher_probs
+
+    cfg, teacher = trained
+    paths = list(pd.read_csv(os.path.join(cfg.out, "manifest.csv"))["path"][:6])
+    cache = build_cache(paths, cfg.img_size, tmp_path / "cache", workers=1, progress=False)
+    labels = json.loads((teacher / "config.json").read_text())["label_names"]
+    folder = tmp_path / "teacher"
+    shutil.copytree(teacher, folder)
+    first = teacher_probs([str(folder)], cache, paths, labels, tmp_path / "out", progress=False)
+    again = teacher_probs([str(folder)], cache, paths, labels, tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "out").glob("teacher_probs_*.npy"))) == 1 and np.array_equal(first, again)
+    weights = folder / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    head = [k for k in state if k.endswith("bias") and state[k].numel() == len(labels)][-1]
+    state[head] = state[head] + 3.0  # every logit up by 3: a different teacher, same name and path
+    safetensors.torch.save_file(state, str(weights))
+    changed = teacher_probs([str(folder)], cache, paths, labels, tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "out").glob("teacher_probs_*.npy"))) == 2
+    assert (changed > first).all()
+
+
 def test_yaml_recipe_and_flags_precedence(tmp_path):
     from chestxray.train_cli import resolve_config  # what train/train.py and `chestxray train` run
 
