@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from chestxray.cache import (CachedImages, RawXrayDataset, XrayDataset,  # noqa: F401 (re-exports)
                              batch_augment, build_cache)
-from chestxray.labels import NO_FINDING, canonical, parse_findings
+from chestxray.labels import NO_FINDING, PROXIES, canonical, parse_findings
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,24 @@ SPLITS = ("train", "val", "test")
 #: namespace: NIH folders share it because the same patients (even the same images) appear in
 #: several of them, and a split must keep them together.
 SOURCES: dict[str, dict] = {
+    # NIH annotates every label it can answer from its findings: its 14 findings, No Finding, the
+    # Mass/Nodule proxy, and "no" to COVID-19 (films of 1992-2015, before the pandemic) and to
+    # Tuberculosis (not among its findings; the nih14-tb convention). Lung Opacity is the RSNA
+    # radiologists' reading in ``rsna_class``: unknown where RSNA did not read the film.
     "nih384": dict(csv="nih/images_384/labels.csv", images="nih/images_384", annotated=None,
-                   patient_prefix="nih"),
+                   patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
     "nih64": dict(csv="nih/images_64/labels.csv", images="nih/images_64", annotated=None,
-                  patient_prefix="nih"),
+                  patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
     "nih_full_res": dict(csv="nih/full_res/labels.csv", images="nih/full_res", annotated=None,
-                         patient_prefix="nih"),
+                         patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
     "kermany": dict(csv="kermany/labels.csv", images="kermany", annotated=["Pneumonia", NO_FINDING],
                     patient_prefix="kermany"),
+    # COVID-19 comes from the collection's own diagnosis column: its other pneumonias (SARS,
+    # bacterial, ...) and its few normal films are COVID-19 negatives.
     "covid": dict(csv="covid/labels.csv", images="covid/images", annotated=["Pneumonia", NO_FINDING],
-                  patient_prefix="covid"),
+                  patient_prefix="covid", label_cols={"COVID-19": "original_finding"}),
     # TBX11K has no patient column: one image is taken as one patient (noted in the manifest).
+    # Only its tuberculosis films are here (active and latent alike are Tuberculosis positives).
     "tbx11k": dict(csv="tbx11k/labels.csv", images="tbx11k/images", annotated=["Tuberculosis"],
                    patient_prefix="tbx11k"),
 }
@@ -55,7 +63,8 @@ def default_sources(data_root: str | os.PathLike) -> dict[str, dict]:
     """Returns ``{name: read_manifest kwargs (without labels)}`` for the shared data folder."""
     root = Path(data_root)
     return {name: dict(csv_path=str(root / s["csv"]), images_dir=str(root / s["images"]), source=name,
-                       annotated=s["annotated"], patient_prefix=s["patient_prefix"])
+                       annotated=s["annotated"], patient_prefix=s["patient_prefix"],
+                       label_cols=dict(s.get("label_cols", {})))
             for name, s in SOURCES.items()}
 
 
@@ -84,11 +93,21 @@ def _binary(value: str) -> float:
     return float("nan")
 
 
+def _reading(cell: str, label: str) -> float:
+    """One cell of a label's own column: blank -> NaN; naming ``label`` (among names joined by
+    ``|`` or ``,``, e.g. "COVID-19, ARDS") -> 1; any other reading (e.g. "Normal") -> 0."""
+    names = {canonical(t) for t in re.split(r"[|,]", str(cell)) if t.strip()}
+    if not names:
+        return float("nan")
+    return 1.0 if canonical(label) in names else 0.0
+
+
 def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, labels: Sequence[str],
                   source: str, annotated: Sequence[str] | None = None, path_col: str = "Image Index",
                   findings_col: str = "Finding Labels", patient_col: str = "Patient ID",
                   view_col: str = "View Position", cohort_col: str = "source",
-                  patient_prefix: str | None = None, missing: str = "warn") -> pd.DataFrame:
+                  patient_prefix: str | None = None, missing: str = "warn",
+                  label_cols: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Reads one label file into a manifest (see the module docstring for the columns).
 
     Two layouts are detected: NIH's pipe-joined ``findings_col`` ("No Finding" for none; an empty
@@ -97,6 +116,8 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
     except ``No Finding``, which is always derived: 1 when the findings are exactly "No Finding",
     0 when the row has any positive finding (even one outside the label set). In the per-label
     layout without a "No Finding" column it is 0 when a label is positive and NaN otherwise.
+    A proxy label (:data:`chestxray.labels.PROXIES`) is 1 when the findings name any of its
+    findings, 0 when they name none, and annotated where all of its findings are.
 
     Args:
         csv_path: the label file (``.csv`` or ``.csv.gz``; NIH's ``Data_Entry_2017*.csv.gz`` works).
@@ -108,12 +129,18 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
         annotated: labels this source annotates (default: all).
         patient_prefix: patient namespace (default ``source``); ``"{prefix}:{id}"``. Without a
             patient column the image file name is the patient (one image per patient).
+        label_cols: ``{label: column}`` for labels read from a column of their own (a second
+            reader's diagnosis, e.g. NIH's ``rsna_class``): see :func:`_reading`. Such a label is
+            known exactly where its cell is filled, whatever ``annotated`` says.
         missing: rows whose image file is missing are dropped; ``"warn"`` warns with the count,
             ``"drop"`` only logs it (for NIH's full label file against a sample folder),
             ``"error"`` raises FileNotFoundError.
     """
     labels = [canonical(label) for label in labels]
     annotated_set = set(labels) if annotated is None else {canonical(a) for a in annotated}
+    # A proxy is annotated where its findings are (NIH: all of them; Kermany: neither).
+    annotated_set |= {p for p, members in PROXIES.items()
+                      if annotated is None or set(members) <= annotated_set}
     prefix = source if patient_prefix is None else patient_prefix
     raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     if path_col not in raw.columns:
@@ -143,7 +170,7 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
                 if label == NO_FINDING:
                     values[i, j] = 0.0 if positive else 1.0
                 elif label in annotated_set:
-                    values[i, j] = 1.0 if label in positive else 0.0
+                    values[i, j] = 1.0 if label in positive or positive & set(PROXIES.get(label, ())) else 0.0
     else:  # layout (b): one column per label
         columns = {canonical(c): c for c in raw.columns if c not in (path_col, patient_col, view_col, cohort_col)}
         label_cols = [c for c in columns if c in set(labels) or c == NO_FINDING]
@@ -160,6 +187,16 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
             for c in known:
                 any_pos |= np.array([_binary(v) == 1.0 for v in raw[columns[c]]], dtype=bool)
             values[any_pos, labels.index(NO_FINDING)] = 0.0
+
+    for label, col in (label_cols or {}).items():
+        if canonical(label) not in labels:
+            continue
+        j = labels.index(canonical(label))
+        if col in raw.columns:
+            values[:, j] = [_reading(v, label) for v in raw[col]]
+        else:  # the source's reading is not in this file (e.g. a user's CSV): unknown, never "no"
+            values[:, j] = np.nan
+            notes.append(f"{label}: no {col!r} column: unknown")
 
     names = [os.path.basename(p) for p in paths]
     if patient_col in raw.columns:
@@ -196,6 +233,27 @@ def load_sources(names: Sequence[str], data_root: str | os.PathLike, labels: Seq
 def label_columns(df: pd.DataFrame) -> list[str]:
     """The label columns of a manifest (everything but the base columns and ``split``)."""
     return [c for c in df.columns if c not in BASE_COLUMNS and c != "split" and df[c].dtype.kind == "f"]
+
+
+def label_counts(df: pd.DataFrame, by: str = "source") -> pd.DataFrame:
+    """Positives / negatives / unknown per label and group: what each source teaches each label.
+
+    Returns:
+        A frame indexed by (group, label) with integer columns ``pos``, ``neg``, ``unknown``.
+    """
+    rows = []
+    for group, part in df.groupby(by, sort=True):
+        for label in label_columns(df):
+            col = part[label]
+            rows.append((group, label, int((col == 1.0).sum()), int((col == 0.0).sum()), int(col.isna().sum())))
+    return pd.DataFrame(rows, columns=[by, "label", "pos", "neg", "unknown"]).set_index([by, "label"])
+
+
+def format_label_counts(df: pd.DataFrame, by: str = "source") -> str:
+    """:func:`label_counts` as a text table, one row per group and one ``pos/neg/unknown`` cell per label."""
+    counts = label_counts(df, by)
+    cells = counts.apply(lambda r: f"{r['pos']}/{r['neg']}/{r['unknown']}", axis=1).unstack("label")
+    return cells[label_columns(df)].to_string()
 
 
 def _hash(seed: int, key: str) -> int:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 NO_FINDING = "No Finding"
+#: No source here has cancer labels: this label is NIH's Mass or Nodule, and its name says so, so
+#: that the app's bars and the model card never present it as a cancer diagnosis.
+LUNG_CANCER_PROXY = "Lung Cancer (proxy: Mass/Nodule)"
 
 #: The 14 findings of NIH ChestX-ray14, in the order of the CheXNet paper.
 NIH14: tuple[str, ...] = (
@@ -23,7 +26,14 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "tuberculosis": ("Tuberculosis",),
     "covid": ("COVID-19", "Pneumonia", NO_FINDING),
     "lung-opacity": ("Lung Opacity",),
+    # The labels of the classifier this project started from, each trained from the data we have
+    # (issue 10; how each source annotates them: chestxray/data.py SOURCES).
+    "six": ("Pneumonia", "Tuberculosis", "COVID-19", "Lung Opacity", LUNG_CANCER_PROXY, NO_FINDING),
 }
+
+#: Labels defined as "any of these findings" in a source's findings list (a film with Mass or
+#: Nodule is a proxy positive; a film whose findings name neither is a proxy negative).
+PROXIES: dict[str, tuple[str, ...]] = {LUNG_CANCER_PROXY: ("Mass", "Nodule")}
 
 #: Plain names of the evaluation groups (sources and cohorts) for cards, tables and the app.
 GROUP_NAMES: dict[str, str] = {

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from chestxray.checkpoint import save_checkpoint
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
-                            cohort_patient_split, load_sources, masked_bce_loss, parse_cohort_fracs, pos_weights,
-                            read_manifest, split_from_lists)
+                            cohort_patient_split, format_label_counts, load_sources, masked_bce_loss,
+                            parse_cohort_fracs, pos_weights, read_manifest, split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.metrics import choose_threshold, mean_auroc
@@ -142,6 +142,10 @@ def build_manifest(cfg: TrainConfig, labels: list[str]):
             if source in caps and len(idx) > caps[source]:
                 keep[rng.choice(idx, len(idx) - caps[source], replace=False)] = False
         df = df[keep].reset_index(drop=True)
+    # What each source teaches each label (a label one source alone makes positive is confounded
+    # with that source); the training split's counts, after the caps.
+    log.info("training labels per source (positives/negatives/unknown):\n%s",
+             format_label_counts(df[df["split"] == "train"]))
     return df
 
 
