@@ -41,17 +41,17 @@ SOURCES: dict[str, dict] = {
     # Tuberculosis (not among its findings; the nih14-tb convention). Lung Opacity is the RSNA
     # radiologists' reading in ``rsna_class``: unknown where RSNA did not read the film.
     "nih384": dict(csv="nih/images_384/labels.csv", images="nih/images_384", annotated=None,
-                   patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
+                   patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
     "nih64": dict(csv="nih/images_64/labels.csv", images="nih/images_64", annotated=None,
-                  patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
+                  patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
     "nih_full_res": dict(csv="nih/full_res/labels.csv", images="nih/full_res", annotated=None,
-                         patient_prefix="nih", label_cols={"Lung Opacity": "rsna_class"}),
+                         patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
     "kermany": dict(csv="kermany/labels.csv", images="kermany", annotated=["Pneumonia", NO_FINDING],
                     patient_prefix="kermany"),
     # COVID-19 comes from the collection's own diagnosis column: its other pneumonias (SARS,
     # bacterial, ...) and its few normal films are COVID-19 negatives.
     "covid": dict(csv="covid/labels.csv", images="covid/images", annotated=["Pneumonia", NO_FINDING],
-                  patient_prefix="covid", label_cols={"COVID-19": "original_finding"}),
+                  patient_prefix="covid", diagnosis_cols={"COVID-19": "original_finding"}),
     # TBX11K has no patient column: one image is taken as one patient (noted in the manifest).
     # Only its tuberculosis films are here (active and latent alike are Tuberculosis positives).
     "tbx11k": dict(csv="tbx11k/labels.csv", images="tbx11k/images", annotated=["Tuberculosis"],
@@ -64,7 +64,7 @@ def default_sources(data_root: str | os.PathLike) -> dict[str, dict]:
     root = Path(data_root)
     return {name: dict(csv_path=str(root / s["csv"]), images_dir=str(root / s["images"]), source=name,
                        annotated=s["annotated"], patient_prefix=s["patient_prefix"],
-                       label_cols=dict(s.get("label_cols", {})))
+                       diagnosis_cols=dict(s.get("diagnosis_cols", {})))
             for name, s in SOURCES.items()}
 
 
@@ -107,7 +107,7 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
                   findings_col: str = "Finding Labels", patient_col: str = "Patient ID",
                   view_col: str = "View Position", cohort_col: str = "source",
                   patient_prefix: str | None = None, missing: str = "warn",
-                  label_cols: Mapping[str, str] | None = None) -> pd.DataFrame:
+                  diagnosis_cols: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Reads one label file into a manifest (see the module docstring for the columns).
 
     Two layouts are detected: NIH's pipe-joined ``findings_col`` ("No Finding" for none; an empty
@@ -129,7 +129,7 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
         annotated: labels this source annotates (default: all).
         patient_prefix: patient namespace (default ``source``); ``"{prefix}:{id}"``. Without a
             patient column the image file name is the patient (one image per patient).
-        label_cols: ``{label: column}`` for labels read from a column of their own (a second
+        diagnosis_cols: ``{label: column}`` for labels read from a column of their own (a second
             reader's diagnosis, e.g. NIH's ``rsna_class``): see :func:`_reading`. Such a label is
             known exactly where its cell is filled, whatever ``annotated`` says.
         missing: rows whose image file is missing are dropped; ``"warn"`` warns with the count,
@@ -188,7 +188,7 @@ def read_manifest(csv_path: str | os.PathLike, images_dir: str | os.PathLike, la
                 any_pos |= np.array([_binary(v) == 1.0 for v in raw[columns[c]]], dtype=bool)
             values[any_pos, labels.index(NO_FINDING)] = 0.0
 
-    for label, col in (label_cols or {}).items():
+    for label, col in (diagnosis_cols or {}).items():
         if canonical(label) not in labels:
             continue
         j = labels.index(canonical(label))

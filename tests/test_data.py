@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from chestxray.data import (assert_patient_disjoint, batch_augment, build_cache, cohort_patient_split,
-                            default_sources, load_sources, masked_bce_loss, parse_cohort_fracs, patient_split,
-                            pos_weights, read_manifest, split_from_lists, RawXrayDataset, XrayDataset)
-from chestxray.labels import NIH14, NO_FINDING, get_label_set
+                            default_sources, label_counts, load_sources, masked_bce_loss, parse_cohort_fracs,
+                            patient_split, pos_weights, read_manifest, split_from_lists, RawXrayDataset, XrayDataset)
+from chestxray.labels import LUNG_CANCER_PROXY, NIH14, NO_FINDING, get_label_set
 from chestxray.transforms import resize_gray
 
 LABELS = get_label_set("nih14-tb")
@@ -84,9 +84,89 @@ def test_kermany_and_tbx11k(sources):
 
 def test_covid_blank_findings_unknown(sources):
     c = read_manifest(labels=get_label_set("covid"), **sources["covid"])
-    assert c["COVID-19"].isna().all()  # not annotated by the Finding Labels column
+    # COVID-19 is read from the collection's own diagnosis column (original_finding), not Finding Labels.
+    assert not c["COVID-19"].isna().any() and int(c["COVID-19"].sum()) == 427
     blank = c["Pneumonia"].isna()
-    assert blank.sum() == 6 and c.loc[blank, NO_FINDING].isna().all()
+    assert blank.sum() == 6 and c.loc[blank, NO_FINDING].isna().all() and (c.loc[blank, "COVID-19"] == 0).all()
+
+
+SIX = get_label_set("six")
+
+
+@pytest.fixture(scope="module")
+def six(data_dir):
+    return load_sources(["nih384", "nih64", "kermany", "covid", "tbx11k"], data_dir, SIX)
+
+
+def labels_of(df, name, source=None):
+    """``{label: 1.0 / 0.0 / "?"}`` of one film (NaN as "?", so dicts compare)."""
+    r = row(df if source is None else df[df["source"] == source], name)
+    return {k: "?" if math.isnan(r[k]) else float(r[k]) for k in SIX}
+
+
+def test_six_label_set_names_its_proxy():
+    assert SIX == ["Pneumonia", "Tuberculosis", "COVID-19", "Lung Opacity", "Lung Cancer (proxy: Mass/Nodule)",
+                   NO_FINDING]
+    assert LUNG_CANCER_PROXY in SIX and "Lung Cancer" not in SIX  # never a bare cancer label
+
+
+def test_six_labels_on_real_rows(six):
+    nan = "?"
+    # TBX11K: a tuberculosis positive and not normal; it annotates nothing else.
+    assert labels_of(six, "tb0005.png") == {"Pneumonia": nan, "Tuberculosis": 1.0, "COVID-19": nan,
+                                            "Lung Opacity": nan, LUNG_CANCER_PROXY: nan, NO_FINDING: 0.0}
+    # NIH: Lung Opacity is the RSNA radiologists' reading, unknown (not 0) where they did not read the
+    # film; the proxy is Mass or Nodule; NIH's films are Tuberculosis and COVID-19 negatives.
+    assert labels_of(six, "00000981_000.png") == {"Pneumonia": 0.0, "Tuberculosis": 0.0, "COVID-19": 0.0,
+                                                  "Lung Opacity": 1.0, LUNG_CANCER_PROXY: 0.0, NO_FINDING: 0.0}
+    assert labels_of(six, "00000493_000.png")["Lung Opacity"] == 0.0  # RSNA: "Normal"
+    assert labels_of(six, "00003421_000.png")["Lung Opacity"] == 0.0  # RSNA: "No Lung Opacity / Not Normal"
+    assert labels_of(six, "00003421_000.png")[LUNG_CANCER_PROXY] == 1.0  # NIH: Mass
+    nodule = labels_of(six, "00000008_002.png")  # 64-px folder, NIH: Nodule, never read by RSNA
+    assert nodule[LUNG_CANCER_PROXY] == 1.0 and nodule["Lung Opacity"] == nan
+    pneumonia = labels_of(six, "00017254_000.png")
+    assert pneumonia["Pneumonia"] == 1.0 and pneumonia["Lung Opacity"] == nan and pneumonia[NO_FINDING] == 0.0
+    assert labels_of(six, "00000075_000.png", "nih384")[LUNG_CANCER_PROXY] == 0.0  # Cardiomegaly only
+    # Kermany: Pneumonia and No Finding only.
+    assert labels_of(six, "IM-0115-0001.jpeg") == {"Pneumonia": 0.0, "Tuberculosis": nan, "COVID-19": nan,
+                                                   "Lung Opacity": nan, LUNG_CANCER_PROXY: nan, NO_FINDING: 1.0}
+    sick = labels_of(six, "person1000_bacteria_2931.jpeg")
+    assert sick["Pneumonia"] == 1.0 and sick[NO_FINDING] == 0.0 and sick["COVID-19"] == nan
+    # COVID collection: COVID-19 from its own diagnosis; its other pneumonias are COVID-19 negatives.
+    assert labels_of(six, "covid-19-pneumonia-rapidly-progressive-admission.png")["COVID-19"] == 1.0  # "COVID-19, ARDS"
+    sars = labels_of(six, "SARS-10.1148rg.242035193-g04mr34g0-Fig8a-day0.png")
+    assert sars["COVID-19"] == 0.0 and sars["Pneumonia"] == 1.0 and sars["Tuberculosis"] == nan
+    well = labels_of(six, "F051E018-DAD1-4506-AD43-BE4CA29E960B.png")
+    assert well["COVID-19"] == 0.0 and well["Pneumonia"] == 0.0 and well[NO_FINDING] == 1.0
+    ards = labels_of(six, "ARDSSevere.png")  # blank Finding Labels: only the diagnosis column is known
+    assert ards["COVID-19"] == 0.0 and ards["Pneumonia"] == nan and ards[NO_FINDING] == nan
+
+
+def test_six_label_counts_per_source(six):
+    counts = label_counts(six)
+    pos = counts["pos"].unstack("label")
+    assert set(pos.index[pos["Tuberculosis"] > 0]) == {"tbx11k"}  # TB and COVID-19: one source each
+    assert set(pos.index[pos["COVID-19"] > 0]) == {"covid"}
+    assert set(pos.index[pos["Lung Opacity"] > 0]) == {"nih384", "nih64"}
+    assert set(pos.index[pos["Pneumonia"] > 0]) == {"nih384", "nih64", "kermany", "covid"}
+    assert counts.loc[("covid", "COVID-19")].to_dict() == {"pos": 427, "neg": 100, "unknown": 0}
+    # Films RSNA never read are unknown for Lung Opacity, never negatives.
+    assert counts.loc[("nih384", "Lung Opacity")].to_dict() == {"pos": 120, "neg": 257, "unknown": 717}
+    assert counts.loc[("nih64", "Lung Opacity")].to_dict() == {"pos": 65, "neg": 182, "unknown": 753}
+    assert counts.loc[("tbx11k", "Tuberculosis")].to_dict() == {"pos": 700, "neg": 0, "unknown": 0}
+    assert counts.loc[("nih384", LUNG_CANCER_PROXY), "pos"] == 99
+
+
+def test_label_column_missing_is_unknown(tmp_path, data_dir):
+    """A user's NIH-layout CSV without the RSNA column: Lung Opacity unknown, with a note."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("Image Index,Finding Labels,rsna\n00000075_000.png,Cardiomegaly,\n"
+                   "00000981_000.png,Fibrosis|Infiltration,COVID-19|Lung Opacity\n")
+    images = data_dir / "nih/images_384"
+    df = read_manifest(csv, images, SIX, source="toy", diagnosis_cols={"Lung Opacity": "rsna_class"})
+    assert df["Lung Opacity"].isna().all() and any("rsna_class" in n for n in df.attrs["notes"])
+    df = read_manifest(csv, images, SIX, source="toy", diagnosis_cols={"Lung Opacity": "rsna"})
+    assert df["Lung Opacity"].isna().iat[0] and df["Lung Opacity"].iat[1] == 1.0
 
 
 def test_per_label_layout_and_missing_files(tmp_path, data_dir):
