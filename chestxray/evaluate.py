@@ -66,6 +66,16 @@ def select_split(df: pd.DataFrame, splits_csv: str | os.PathLike, split: str) ->
     return out
 
 
+def source_sites(df: pd.DataFrame) -> dict[str, str]:
+    """``{source: site}``, the site being the patient namespace (``"nih:100"`` -> ``"nih"``).
+
+    Sources that share patients share a hospital (NIH's 384-px and 64-px folders): a label taught
+    by both is not confounded with either (see :func:`chestxray.modelcard.confounded_labels`).
+    """
+    first = df.groupby("source")["patient"].first()
+    return {src: str(pid).partition(":")[0] if ":" in str(pid) else src for src, pid in first.items()}
+
+
 def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.PathLike, *, n_boot: int = 1000,
                       seed: int = 0, progress: bool = True, title: str | None = None,
                       probs: np.ndarray | None = None, plot_group: str | None = None) -> dict[str, Any]:
@@ -111,7 +121,7 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
                                                                                    predictor.thresholds)
     metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
                    unreadable=dict(list(errors.items())[:20]),
-                   sources=sorted(df["source"].unique().tolist()))
+                   sources=sorted(df["source"].unique().tolist()), sites=source_sites(df))
     to_json(metrics, out / "metrics.json")
     pred = pd.DataFrame(P, columns=labels)
     pred.insert(0, "image", [os.path.basename(p) for p in df["path"][ok]])

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from chestxray.labels import GROUP_NAMES
+from chestxray.labels import GROUP_NAMES, PROXIES
 
 DISCLAIMER = ("Research and education only. Not a medical device; not for diagnosis, triage or any "
               "clinical decision.")
@@ -44,6 +44,102 @@ def label_table(metrics: dict[str, Any]) -> str:
                     f"{_fmt(m.get('recall'))} | {_fmt(m.get('specificity'))} | {_fmt(m.get('f1'))} | "
                     f"{m.get('support_pos', 0)} / {m.get('support_neg', 0)} |")
     return "\n".join(rows)
+
+
+def _evaluated_sources(metrics: dict[str, Any]) -> list[str]:
+    groups = metrics.get("by_group", {})
+    return [s for s in metrics.get("sources", []) if s in groups]
+
+
+def _support(metrics: dict[str, Any], source: str, label: str) -> tuple[int, int]:
+    m = metrics["by_group"][source]["labels"].get(label, {})
+    return int(m.get("support_pos") or 0), int(m.get("support_neg") or 0)
+
+
+def confounded_labels(metrics: dict[str, Any]) -> dict[str, list[str]]:
+    """Labels confounded with their source, read off the evaluated data: ``{label: its positive sources}``.
+
+    A label is confounded when all of its positives come from one site (sources that share
+    patients, e.g. NIH's two folders, are one site: ``metrics["sites"]``) while some of its
+    negatives come from other sites: its cross-source AUROC then rewards recognising the hospital
+    as much as the finding.
+    """
+    sites = metrics.get("sites", {})
+    out = {}
+    for label in metrics.get("labels", {}):
+        pos, neg = {}, set()
+        for s in _evaluated_sources(metrics):
+            n_pos, n_neg = _support(metrics, s, label)
+            if n_pos:
+                pos.setdefault(sites.get(s, s), []).append(s)
+            if n_neg:
+                neg.add(sites.get(s, s))
+        if len(pos) == 1 and neg - set(pos):
+            out[label] = next(iter(pos.values()))
+    return out
+
+
+def _auroc_cell(m: dict[str, Any]) -> str:
+    return f"{_fmt(m.get('auroc'))}{_ci(m.get('auroc_ci'))}; {m.get('support_pos', 0)} / {m.get('support_neg', 0)}"
+
+
+def within_source_table(metrics: dict[str, Any]) -> str:
+    """Markdown: per label, the AUROC across all sources beside the AUROC within each source that has
+    both positives and negatives (CI; positives / negatives)."""
+    sources = _evaluated_sources(metrics)
+    confounded = confounded_labels(metrics)
+    rows = ["| label | all sources | " + " | ".join(sources) + " |", "|---" * (len(sources) + 2) + "|"]
+    for label, m in metrics["labels"].items():
+        cells = [_auroc_cell(m)]
+        for s in sources:
+            n_pos, n_neg = _support(metrics, s, label)
+            cells.append(_auroc_cell(metrics["by_group"][s]["labels"][label]) if n_pos and n_neg
+                         else f"positives only ({n_pos})" if n_pos else f"negatives only ({n_neg})" if n_neg
+                         else "not annotated")
+        name = f"{label} (confounded)" if label in confounded else label
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def confounding_statement(metrics: dict[str, Any]) -> str:
+    """Plain sentences on each confounded label (:func:`confounded_labels`); empty when there is none."""
+    confounded = confounded_labels(metrics)
+    if not confounded:
+        return ""
+    lines = ["Confounded with their source: every positive of these labels comes from one source (one "
+             "hospital), while negatives come from other hospitals too, so a model can score well by "
+             "recognising where a film comes from instead of the finding."]
+    for label, sources in confounded.items():
+        where = ", ".join(GROUP_NAMES.get(s, s) for s in sources)
+        others = "; ".join(GROUP_NAMES.get(s, s) for s in _evaluated_sources(metrics)
+                           if s not in sources and _support(metrics, s, label)[1])
+        auc = _fmt(metrics["labels"][label].get("auroc"))
+        within = [(s, metrics["by_group"][s]["labels"][label]) for s in sources if all(_support(metrics, s, label))]
+        if within:
+            figures = "; ".join(f"{_fmt(g.get('auroc'))}{_ci(g.get('auroc_ci'))} within {GROUP_NAMES.get(s, s)} "
+                                f"({g['support_pos']} positives / {g['support_neg']} negatives)" for s, g in within)
+            lines.append(f"- **{label}**: positives only from {where}; negatives also from {others}. "
+                         f"Across sources its AUROC is {auc}; "
+                         f"the fairer figure is the one within that source: {figures}.")
+        else:
+            lines.append(f"- **{label}**: positives only from {where}; negatives only from {others}: no film "
+                         f"of that source is a {label} negative here (its films without {label} are not in this "
+                         f"data). So the {label} AUROC ({auc}) measures telling {where} films from other "
+                         f"hospitals' films, not {label} from its absence within one hospital; no within-source "
+                         "figure exists.")
+    return "\n".join(lines)
+
+
+def partial_labels_line(metrics: dict[str, Any]) -> str:
+    """Card line: which labels each evaluated source annotates, where it annotates only some."""
+    labels = list(metrics.get("labels", {}))
+    parts = []
+    for s in _evaluated_sources(metrics):
+        known = [k for k in labels if sum(_support(metrics, s, k))]
+        if len(known) < len(labels):
+            parts.append(f"{GROUP_NAMES.get(s, s)} only {', '.join(known) or 'none'}")
+    return ("- Partial labels: " + "; ".join(parts) + ". A source's other labels are unknown and masked out "
+            "of the loss, never read as negative.") if parts else ""
 
 
 def provenance(config: dict[str, Any]) -> list[str]:
@@ -119,6 +215,11 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "### Per group (test split)", "", *per_source, "",
         "*Findings flagged per normal film*: on test films labelled No Finding, the mean number of the other "
         "labels at or above their operating threshold (each one a false alarm).", "",
+        *(["### Per-label AUROC within each source (test split)", "",
+           "AUROC (95% CI); positives / negatives. *All sources* pools every test film; a source's column "
+           "has a figure only where that source has both positives and negatives of the label.", "",
+           within_source_table(metrics), "", confounding_statement(metrics), ""]
+          if confounded_labels(metrics) else []),
         f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
         f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
@@ -130,10 +231,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"- Epoch and thresholds selected on the validation images of: "
         f"{', '.join(map(str, train['val_sources'])) if isinstance(train.get('val_sources'), list) else 'all sources'}; "
         f"best epoch {train.get('epoch')} (validation mean AUROC {train.get('val_mean_auroc')}).",
-        "- Partial labels: the pediatric (Kermany) and COVID-19 sets only annotate Pneumonia / No Finding"
-        + (", TBX11K only Tuberculosis (so its films are known not to be normal)" if "tbx11k" in train.get("sources", [])
-           else "")
-        + "; their other labels are unknown and masked out of the loss, never read as negative.", "",
+        *([partial] if (partial := partial_labels_line(metrics)) else []), "",
         "## Intended use", "",
         "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
         "educators. Probabilities are this model's outputs, not calibrated disease risks; a label is marked "
@@ -148,6 +246,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"{'' if pretrained else ', from scratch'}. Small findings (Nodule, Mass, Pneumothorax) are near chance; "
         "treat every output as illustrative.",
         "- Rare labels (Hernia, Pneumothorax, Emphysema...) have few test positives: wide CIs.",
+        *(f"- **{label}** is a proxy, not a diagnosis: no source here has such labels, so it is trained and "
+          f"scored as {' or '.join(PROXIES[label])} (NIH's report-mined findings). Never read it as a diagnosis."
+          for label in config.get("label_names", []) if label in PROXIES),
         "- Grad-CAM maps are min-max scaled per label, so a label at p=0.01 still shows a full-range "
         "heatmap: read the map together with its probability.",
         "- Inputs that are not frontal adult chest radiographs (lateral views, CT, photos) give meaningless "
