@@ -108,6 +108,7 @@ def test_six_label_set_names_its_proxy():
     assert SIX == ["Pneumonia", "Tuberculosis", "COVID-19", "Lung Opacity", "Lung Cancer (proxy: Mass/Nodule)",
                    NO_FINDING]
     assert LUNG_CANCER_PROXY in SIX and "Lung Cancer" not in SIX  # never a bare cancer label
+    assert get_label_set(f"{LUNG_CANCER_PROXY},No Finding") == [LUNG_CANCER_PROXY, NO_FINDING]  # a comma list works
 
 
 def test_six_labels_on_real_rows(six):
