@@ -46,6 +46,33 @@ def label_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False) -> list[str]:
+    """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table.
+
+    Empty when ``metrics`` predates these numbers (an older metrics.json), so such cards still render.
+    """
+    if metrics.get("mean_ece") is None and metrics.get("mean_brier") is None:
+        return []
+    rows = ["| label | AUPRC (chance) | Brier | ECE |", "|---|---|---|---|"]
+    for label, m in metrics["labels"].items():
+        rows.append(f"| {label} | {_fmt(m.get('auprc'))} ({_fmt(m.get('prevalence'))}) | {_fmt(m.get('brier'))} "
+                    f"| {_fmt(m.get('ece'))} |")
+    n_bins = metrics.get("calibration", {}).get("n_bins", 15)
+    return [
+        "## Calibration", "",
+        f"On the same films ({group}): mean AUPRC **{_fmt(metrics.get('mean_auprc'))}**, mean Brier score "
+        f"**{_fmt(metrics.get('mean_brier'))}**, mean expected calibration error (ECE) "
+        f"**{_fmt(metrics.get('mean_ece'))}** (all labels pooled: {_fmt(metrics.get('pooled_ece'))}).", "",
+        f"*AUPRC* is average precision; its chance level is the label's prevalence (in brackets). *Brier* is the "
+        f"mean squared difference between probability and outcome (0 is perfect). *ECE* sorts the probabilities "
+        f"into {n_bins} equal-width bins and averages |observed frequency - mean probability| weighted by the "
+        "bin's share of films; for a rare label most films sit in the lowest bin, so a small ECE there says "
+        "little: read the reliability diagram. The probabilities are not recalibrated.", "",
+        *(["![Reliability diagram](reliability.png)", ""] if plot else []),
+        "<details><summary>Per label</summary>", "", *rows, "", "</details>", "",
+    ]
+
+
 def provenance(config: dict[str, Any]) -> list[str]:
     """Card lines: what initialised the model, what taught it, input size and Grad-CAM grid."""
     train = config.get("chestxray", {}).get("training", {})
@@ -123,6 +150,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
         "![Training curves](training_curves.png)", "",
+        *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),
+                             plot=(folder / "reliability.png").is_file()),
         "## Training data and split", "",
         f"- Sources: {', '.join(train.get('sources', []))} (see `splits.csv` for every image's split).",
         f"- Split by patient (seed {train.get('seed')}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
