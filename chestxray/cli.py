@@ -112,7 +112,8 @@ def _write_cams(analysis, src: Path, cam_dir: Path, label: str | None, alpha: fl
         if k not in analysis.labels:
             raise ValueError(f"--cam-label {k!r} is not one of the model's labels")
         name = f"{src.stem}_{k.replace(' ', '_')}.png"
-        Image.fromarray(analysis.overlay(k, alpha)).save(cam_dir / name)
+        # the colour key is drawn on, so that the file explains itself away from the app
+        Image.fromarray(analysis.overlay(k, alpha, colorbar=True)).save(cam_dir / name)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

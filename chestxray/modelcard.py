@@ -177,8 +177,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"{'' if pretrained else ', from scratch'}. Small findings (Nodule, Mass, Pneumothorax) are near chance; "
         "treat every output as illustrative.",
         "- Rare labels (Hernia, Pneumothorax, Emphysema...) have few test positives: wide CIs.",
-        "- Grad-CAM maps are min-max scaled per label, so a label at p=0.01 still shows a full-range "
-        "heatmap: read the map together with its probability.",
+        "- Grad-CAM maps are min-max scaled per label by default, so a label at p=0.01 still shows a full-range "
+        "heatmap: read the map together with its probability, or draw it scaled by the probability (an option "
+        "in the app), which makes such a label faint.",
         "- Inputs that are not frontal adult chest radiographs (lateral views, CT, photos) give meaningless "
         "outputs; the toolkit's input gate warns about many of them but not all.", "",
         "## Use", "", "```python", "import timm, torch",
