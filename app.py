@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from chestxray.cam import FAST_METHODS, METHODS, overlay  # noqa: E402
+from chestxray.cam import FAST_METHODS, METHODS, SCALES  # noqa: E402
 from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.predictor import Analysis  # noqa: E402
@@ -88,6 +88,8 @@ NUM_TOP = 32
 METHOD_NAMES = {"gradcam": "Grad-CAM (fast)", "hirescam": "HiResCAM (fast)", "gradcam++": "Grad-CAM++",
                 "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM (no label)",
                 "scorecam": "Score-CAM (slow)"}
+#: Heatmap scales (chestxray.cam.SCALES) as the app names them.
+SCALE_NAMES = {"minmax": "Per-label range (min-max)", "probability": "Scaled by probability"}
 TITLE = "Chest X-ray findings: research demo"
 DISCLAIMER = """
 <div style="border:1px solid #d97706;border-radius:8px;padding:10px 14px;background:rgba(217,119,6,.08)">
@@ -175,14 +177,21 @@ def label_table(analysis) -> str:
             "diagnosis.</p>")
 
 
-def caption(analysis, label: str, method: str) -> str:
-    """The probability shown beside a map, and why a map alone means little."""
+def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
+    """The probability shown beside a map, which scale is shown, and what the colour bar's 0 and 1 mean."""
     p, t = analysis.prob_dict()[label], analysis.threshold(label)
     side = "above" if p >= t else "below"
     extra = " EigenCAM ignores the label: every label gets the same map." if method == "eigencam" else ""
+    if scale == "probability":
+        how = (f"**scaled by probability**: the map times p = {p:.3f}, so its brightest point is {p:.2f} on the "
+               "colour bar and a low-probability label is drawn faint")
+    else:
+        how = ("**per-label range (min-max)**: each map is stretched to its own range, so a label with a low "
+               "probability still gets a full-range heatmap")
     return (f"**{label}**: probability **{p:.3f}** (operating threshold {t:.3f}: {side} threshold). "
-            f"Map: {METHOD_NAMES.get(method, method)}. Each map is scaled to its own range, so a label "
-            f"with a low probability still gets a full-range heatmap.{extra}")
+            f"Map: {METHOD_NAMES.get(method, method)}, {how}. Colour bar (right edge, viridis): 0 = no evidence "
+            f"for the label (the film shows through), 1 = the strongest evidence; colour and opacity rise together."
+            f"{extra}")
 
 
 def card_markdown(card: dict) -> str:
@@ -325,21 +334,24 @@ class Service:
             text = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
             return f"Model card unavailable: {html.escape(text)}"
 
-    def _render(self, state: dict, label: str | None, method: str, alpha: float, folder: Path | None = None):
-        """The overlay for one label from the stored analysis (no forward pass for the fast methods)."""
+    def _render(self, state: dict, label: str | None, method: str, alpha: float, scale: str = "minmax",
+                folder: Path | None = None):
+        """The overlay for one label from the stored analysis (no forward pass for the fast methods, and
+        none for a scale or opacity change: both only change how the stored map is drawn)."""
         a = unpack(state["analysis"])
         label = label if label in a.labels else a.top_label()
         method = method if method in METHODS else "gradcam"
-        if method in FAST_METHODS:
-            image = a.overlay(label, alpha)
-        else:  # one backward pass; the last map is kept so that opacity changes stay free
+        scale = scale if scale in SCALES else "minmax"
+        cam = None
+        if method not in FAST_METHODS:  # one backward pass; the last map is kept so that opacity changes stay free
             maps = state.setdefault("maps", {})
             if (label, method) not in maps:
                 maps.clear()
                 maps[(label, method)] = self.registry.get(state["model"]).explain(a.image, label, method)
-            image = overlay(a.image, maps[(label, method)], alpha)
+            cam = maps[(label, method)]
+        image = a.overlay(label, alpha, scale=scale, cam=cam, colorbar=True)
         path = OUT.png(image, (folder or OUT.new_dir()) / f"overlay_{_file_stem(label)}.png")
-        return path, caption(a, label, method)
+        return path, caption(a, label, method, scale)
 
     @staticmethod
     def _gallery(analysis, alpha: float, folder: Path) -> list:
@@ -348,7 +360,7 @@ class Service:
                  f"{k} {probs[k]:.2f}") for k in analysis.positives()[:MAX_GALLERY]]
 
     @user_errors
-    def predict(self, file, model, method="gradcam", alpha=0.4):
+    def predict(self, file, model, method="gradcam", alpha=0.4, scale="minmax"):
         """Probabilities of every label (one forward pass), the label table, the top label's overlay."""
         name, predictor = self._predictor(model)
         path = _path(file)
@@ -358,7 +370,7 @@ class Service:
         # bounds the memory a session holds, and every model input is far smaller
         state = {"model": name, "analysis": pack(a), "maps": {}}
         top, folder = a.top_label(), OUT.new_dir()
-        image, text = self._render(state, top, method, alpha, folder)
+        image, text = self._render(state, top, method, alpha, scale, folder)
         warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
         decoded = OUT.png(to_uint8(a.image), folder / "image.png")
         return (a.prob_dict(), label_table(a), image, text, decoded,
@@ -367,14 +379,14 @@ class Service:
                 image_info(xray), self._gallery(a, alpha, folder), state)
 
     @user_errors
-    def explain(self, label, method, alpha, state):
-        """Re-renders the overlay for another label, method or opacity without running the model again."""
+    def explain(self, label, method, alpha, scale, state):
+        """Re-renders the overlay for another label, method, opacity or scale without running the model again."""
         if not state:
             raise _error("Analyze an image first.")
-        return (*self._render(state, label, method, alpha), state)
+        return (*self._render(state, label, method, alpha, scale), state)
 
     @user_errors
-    def compare(self, file, label=None, alpha=0.4):
+    def compare(self, file, label=None, alpha=0.4, scale="minmax"):
         """Every installed model on the same image: a label x model table and one overlay per model."""
         if not self.available:
             raise _error(NO_MODEL)
@@ -396,22 +408,22 @@ class Service:
             notes.append(f"**{name}**, above threshold: {', '.join(a.positives()) or 'none'}")
             notes += [f"{name}: ⚠ {html.escape(str(w))}" for w in getattr(a, "warnings", None) or []]
         state = {"results": {name: pack(a) for name, a in results.items()}}
-        return ({"headers": ["label", *results], "data": rows}, self._compare_gallery(state, label, alpha),
+        return ({"headers": ["label", *results], "data": rows}, self._compare_gallery(state, label, alpha, scale),
                 gr.update(choices=labels, value=label), "\n\n".join(notes), state)
 
     @staticmethod
-    def _compare_gallery(state: dict, label: str, alpha: float) -> list:
-        folder = OUT.new_dir()
-        return [(OUT.png(a.overlay(label, alpha), folder / f"{_file_stem(name)}.png"),
-                 f"{name}: {label} p={a.prob_dict()[label]:.2f}")
+    def _compare_gallery(state: dict, label: str, alpha: float, scale: str = "minmax") -> list:
+        folder, scale = OUT.new_dir(), scale if scale in SCALES else "minmax"
+        return [(OUT.png(a.overlay(label, alpha, scale=scale, colorbar=True), folder / f"{_file_stem(name)}.png"),
+                 f"{name}: {label} p={a.prob_dict()[label]:.2f}, {SCALE_NAMES[scale].lower()}")
                 for name, a in ((n, unpack(d)) for n, d in state["results"].items()) if label in a.labels]
 
     @user_errors
-    def compare_overlay(self, label, alpha, state):
-        """The side-by-side overlays for another label, without running the models again."""
+    def compare_overlay(self, label, alpha, scale, state):
+        """The side-by-side overlays for another label or scale, without running the models again."""
         if not state:
             raise _error("Run the comparison first.")
-        return self._compare_gallery(state, label, alpha)
+        return self._compare_gallery(state, label, alpha, scale)
 
     @user_errors
     def batch(self, files, model, progress=gr.Progress()):
@@ -496,12 +508,15 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                                                    allow_custom_value=True)
                             method_dd = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items() if k in METHODS],
                                                     value="gradcam", label="Method")
-                        alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
+                        with gr.Row():
+                            alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity (at value 1)")
+                            scale_rd = gr.Radio([(v, k) for k, v in SCALE_NAMES.items()], value="minmax",
+                                                label="Heatmap scale", elem_id="heatmap-scale")
                         overlay_img = gr.Image(label="Heatmap overlay", type="numpy", format="png",
                                                interactive=False, height=400, elem_id="overlay")
                         caption_md = gr.Markdown(label="Heatmap caption", show_label=False)
-                        gallery = gr.Gallery(label="Labels above their threshold (Grad-CAM)", columns=4,
-                                             height="auto", format="png", object_fit="contain")
+                        gallery = gr.Gallery(label="Labels above their threshold (Grad-CAM, per-label range)",
+                                             columns=4, height="auto", format="png", object_fit="contain")
                 state = gr.State(time_to_live=STATE_TTL)
             with gr.Tab("Compare models"):
                 gr.Markdown("Runs every installed model on the same image.")
@@ -530,14 +545,15 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                     with gr.Column(scale=2):
                         batch_table = gr.Dataframe(label="Results", interactive=False, max_height=520)
 
-        run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha],
+        run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha, scale_rd],
                       [probs, table_md, overlay_img, caption_md, decoded, label_dd, warn_html, info_md, gallery,
                        state], api_name="predict", **model_work)
-        gr.on([label_dd.input, method_dd.input, alpha.release], svc.explain, [label_dd, method_dd, alpha, state],
-              [overlay_img, caption_md, state], api_name="explain", show_progress="minimal", **model_work)
-        cmp_btn.click(svc.compare, [cmp_file, cmp_label, alpha],
+        gr.on([label_dd.input, method_dd.input, alpha.release, scale_rd.input], svc.explain,
+              [label_dd, method_dd, alpha, scale_rd, state], [overlay_img, caption_md, state], api_name="explain",
+              show_progress="minimal", **model_work)
+        cmp_btn.click(svc.compare, [cmp_file, cmp_label, alpha, scale_rd],
                       [cmp_table, cmp_gallery, cmp_label, cmp_notes, cmp_state], api_name="compare", **model_work)
-        cmp_label.input(svc.compare_overlay, [cmp_label, alpha, cmp_state], [cmp_gallery],
+        cmp_label.input(svc.compare_overlay, [cmp_label, alpha, scale_rd, cmp_state], [cmp_gallery],
                         api_name="compare_overlay", show_progress="minimal", **model_work)
         batch_btn.click(svc.batch, [batch_files, model_dd], [batch_csv, batch_table], api_name="batch", **model_work)
         model_dd.change(svc.model_card, [model_dd], [card_md], api_name="model_card", **model_work)

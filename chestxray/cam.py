@@ -8,10 +8,17 @@ gives the probabilities and the maps of all labels; ``tests/test_cam.py`` checks
 pytorch-grad-cam.
 
 Maps are min-max scaled per label, so a label at p=0.01 still gets a full-range heatmap: always
-show the probability beside a map.
+show the probability beside a map, or draw it scaled by the probability (:func:`scale_map`), which
+makes a low-probability label faint.
+
+Overlays use viridis (perceptually uniform, readable with the common colour-vision deficiencies;
+jet is neither) and an opacity that grows with the map value, so where the map is 0 the film shows
+through untouched; :func:`add_colorbar` appends the key. There is one rendering path:
+:meth:`chestxray.predictor.Analysis.overlay` for every map the app and the CLI draw.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -102,32 +109,75 @@ def method_cam(model: nn.Module, arch: str, x: torch.Tensor, label_index: int, m
     return np.asarray(out[0], dtype=np.float32)
 
 
-def _jet_lut() -> np.ndarray:
+#: The heatmap colormap (a matplotlib name).
+COLORMAP = "viridis"
+#: How a map is scaled before it is coloured: name -> what the colour bar's 1 then means.
+SCALES: dict[str, str] = {
+    "minmax": "per-label range: 1 is this label's strongest evidence in this image, whatever its probability",
+    "probability": "scaled by probability: the map times the label's probability, so 1 would need p = 1 "
+                   "and a low-probability label is drawn faint",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def colormap_lut(name: str = COLORMAP) -> np.ndarray:
+    """256 x 3 uint8 RGB table of a matplotlib colormap (index = map value x 255)."""
     from matplotlib import colormaps
 
-    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return np.round(colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
-_LUT: np.ndarray | None = None
+def scale_map(cam: np.ndarray, scale: str = "minmax", prob: float = 1.0) -> np.ndarray:
+    """A [0,1] map as it is to be drawn: unchanged (``"minmax"``) or times ``prob`` (``"probability"``)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown heatmap scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    return cam if scale == "minmax" else cam * float(np.clip(prob, 0.0, 1.0))
 
 
-def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blends a heatmap over a gray image.
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4, cmap: str = COLORMAP) -> np.ndarray:
+    """Blends a heatmap over a gray image, each pixel's opacity ``alpha x`` its map value.
+
+    The opacity follows the value so that a map near 0 leaves the film readable and a faint
+    (probability-scaled) map stays faint; at value 1 the colour is ``cmap(1)`` at opacity ``alpha``.
 
     Args:
         gray: H x W image in [0,1] (the decoded film as displayed).
         cam: h x w map in [0,1]; resized to H x W if needed.
-        alpha: heatmap opacity in [0,1].
+        alpha: the opacity at map value 1, in [0,1].
+        cmap: matplotlib colormap name.
 
     Returns:
         H x W x 3 uint8 RGB.
     """
-    global _LUT
-    if _LUT is None:
-        _LUT = _jet_lut()
     if cam.shape != gray.shape:
         cam = upsample(cam, gray.shape)
-    heat = _LUT[np.clip(cam * 255.0, 0, 255).astype(np.uint8)].astype(np.float32)
+    cam = np.clip(np.asarray(cam, np.float32), 0.0, 1.0)
+    heat = colormap_lut(cmap)[np.round(cam * 255.0).astype(np.uint8)].astype(np.float32)
     base = np.repeat(np.clip(gray, 0, 1)[..., None] * 255.0, 3, axis=2)
-    a = float(np.clip(alpha, 0.0, 1.0))
-    return np.clip((1 - a) * base + a * heat, 0, 255).astype(np.uint8)
+    a = float(np.clip(alpha, 0.0, 1.0)) * cam[..., None]
+    return np.clip((1 - a) * base + a * heat + 0.5, 0, 255).astype(np.uint8)
+
+
+def add_colorbar(rgb: np.ndarray, cmap: str = COLORMAP) -> np.ndarray:
+    """The overlay with its colour key appended on the right: the colormap from 0 (bottom) to 1 (top).
+
+    Drawn onto the image itself so that a saved or downloaded overlay keeps its key.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = rgb.shape[:2]
+    width, bar, pad = max(48, w // 10), max(10, w // 40), max(8, h // 24)
+    strip = np.full((h, width, 3), 32, np.uint8)  # dark: the numbers stay readable on any film
+    ramp = colormap_lut(cmap)[np.linspace(255, 0, max(1, h - 2 * pad)).round().astype(int)]
+    strip[pad:h - pad, 4:4 + bar] = ramp[:, None, :]
+    im = Image.fromarray(np.concatenate([rgb, strip], axis=1))
+    draw = ImageDraw.Draw(im)
+    size = max(10, min(18, h // 24))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    x = w + 6 + bar
+    for text, y in (("1", pad), ("0.5", h // 2), ("0", h - pad)):
+        draw.text((x, y), text, fill=(235, 235, 235), font=font, anchor="lm")
+    return np.asarray(im)

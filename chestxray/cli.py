@@ -112,11 +112,12 @@ def _write_cams(analysis, src: Path, cam_dir: Path, label: str | None, alpha: fl
         if k not in analysis.labels:
             raise ValueError(f"--cam-label {k!r} is not one of the model's labels")
         name = f"{src.stem}_{k.replace(' ', '_')}.png"
-        Image.fromarray(analysis.overlay(k, alpha)).save(cam_dir / name)
+        # the colour key is drawn on, so that the file explains itself away from the app
+        Image.fromarray(analysis.overlay(k, alpha, colorbar=True)).save(cam_dir / name)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Writes metrics.json, ROC and confusion plots for labelled images."""
+    """Writes metrics.json, ROC, confusion and reliability plots for labelled images."""
     from chestxray.evaluate import evaluate
 
     m = evaluate(args.model or default_model(), args.out, labels_csv=args.labels, images=args.images,
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")
     pr.set_defaults(func=cmd_predict)
 
-    ev = command("evaluate", "metrics.json, ROC curves and confusion matrices on labelled images",
+    ev = command("evaluate", "metrics.json, ROC curves, confusion matrices and calibration on labelled images",
                  "chestxray evaluate --model resnet18 --source nih384 --split test --out eval/\n"
                  "chestxray evaluate --model my_run/best --labels labels.csv --images films/ --out eval/")
     ev.add_argument("--model", help=model_help)
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="only images this checkpoint's splits.csv puts in SPLIT (e.g. test)")
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     ev.add_argument("--out", required=True, help="output folder (metrics.json, roc.png, confusion.png, "
-                                                 "predictions.csv)")
+                                                 "reliability.png, predictions.csv)")
     ev.set_defaults(func=cmd_evaluate)
 
     lc = command("localize", "pointing game: Grad-CAM maxima vs radiologists' boxes (NIH, RSNA)",

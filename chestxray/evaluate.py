@@ -3,8 +3,9 @@
 Images are decoded by :func:`chestxray.imaging.read_image` and preprocessed by the checkpoint's
 :class:`~chestxray.transforms.Preprocess`, exactly as in the app, so the numbers describe what a
 user gets. Outputs: ``metrics.json`` (per label AUROC with bootstrap CI, accuracy, precision,
-recall, F1 at the stored threshold, support; ``mean_auroc``; per-source breakdown), ``roc.png``,
-``confusion.png`` and ``predictions.csv``.
+recall, F1 at the stored threshold, support; AUPRC, Brier score and ECE (see
+:mod:`chestxray.calibration`); ``mean_auroc`` and the other means; per-source breakdown), ``roc.png``,
+``confusion.png``, ``reliability.png`` and ``predictions.csv``.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from chestxray.calibration import N_BINS
 from chestxray.imaging import ImageReadError, read_image
 from chestxray.metrics import evaluate_predictions, flags_on_normal_films, to_json
-from chestxray.plots import plot_confusion_matrices, plot_roc_curves
+from chestxray.plots import plot_confusion_matrices, plot_reliability, plot_roc_curves
 from chestxray.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     Args:
         probs: this predictor's probabilities for ``df``'s rows, when already computed
             (:func:`predict_paths`; NaN rows = unreadable).
-        plot_group: draw the ROC and confusion plots on this group's images only (e.g. the
+        plot_group: draw the ROC, confusion and reliability plots on this group's images only (e.g. the
             headline cohort), when it is present.
     """
     out = Path(out_dir)
@@ -132,6 +134,8 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     plot_roc_curves(Y[rows], P[rows], labels, out / "roc.png",
                     title=title or f"{predictor.name}: ROC ({int(rows.sum())} images)")
     plot_confusion_matrices(Y[rows], P[rows], labels, predictor.thresholds, out / "confusion.png")
+    plot_reliability(Y[rows], P[rows], labels, out / "reliability.png",
+                     title=f"{predictor.name}: reliability ({int(rows.sum())} images, {N_BINS} equal-width bins)")
     return metrics
 
 

@@ -6,6 +6,7 @@ positive. Probabilities must be finite (NaN/inf on a known target raises ValueEr
 Undefined quantities (AUROC with one class, precision with no predicted positives, ...) are
 ``float('nan')`` from the scalar functions and ``None`` in the dicts, so reports stay strict JSON.
 A prediction is positive when ``p >= threshold``.
+Calibration and precision-recall (AUPRC, Brier score, ECE) are defined in :mod:`chestxray.calibration`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from chestxray.calibration import N_BINS, average_precision, brier_score, expected_calibration_error
 
 #: Bootstrap replicates are processed in chunks of about this many (replicate x image) cells.
 _CHUNK_CELLS = 2_000_000
@@ -234,7 +237,8 @@ def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 
     """Threshold and ranking metrics for one label (NaN targets ignored).
 
     Returns:
-        dict with auroc, auroc_ci ([lo, hi]), accuracy, precision, recall (sensitivity),
+        dict with auroc, auroc_ci ([lo, hi]), auprc (average precision), prevalence (its chance
+        level), brier, ece (15 equal-width bins), accuracy, precision, recall (sensitivity),
         specificity, f1, threshold, support_pos, support_neg, n (known targets) and the counts
         tp, fp, tn, fn. A ratio with a zero denominator (e.g. precision with no positive calls)
         and an AUROC without both classes are ``None``, never 0 or NaN.
@@ -247,6 +251,8 @@ def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 
     lo, hi = bootstrap_ci(y, p, auroc, n_boot=n_boot, seed=seed, alpha=alpha)
     return {
         "auroc": _num(auroc(y, p)), "auroc_ci": [_num(lo), _num(hi)],
+        "auprc": _num(average_precision(y, p)), "prevalence": _ratio(tp + fn, ps.size),
+        "brier": _num(brier_score(y, p)), "ece": _num(expected_calibration_error(y, p)),
         "accuracy": _ratio(tp + tn, ps.size), "precision": precision, "recall": recall,
         "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "threshold": float(threshold), "support_pos": tp + fn, "support_neg": tn + fp,
@@ -269,8 +275,11 @@ def evaluate_predictions(Y: np.ndarray, P: np.ndarray, labels: list[str],
 
     Returns:
         {"labels": {name: label_metrics + threshold_source}, "mean_auroc", "mean_auroc_ci",
-        "n_images", "undefined_labels", "bootstrap": {n_boot, seed, alpha}[, "by_group"]}.
-        mean_auroc is the macro mean over labels with a defined AUROC (None if there are none).
+        "n_images", "undefined_labels", "bootstrap": {n_boot, seed, alpha}, "mean_auprc",
+        "mean_brier", "mean_ece", "pooled_ece", "calibration": {n_bins}[, "by_group"]}.
+        mean_auroc is the macro mean over labels with a defined AUROC (None if there are none);
+        the other means are macro means over the labels where each is defined; pooled_ece is the
+        ECE of all known (image, label) pairs together.
     """
     Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
     if Y.ndim != 2 or Y.shape != P.shape or Y.shape[1] != len(labels):
@@ -292,6 +301,11 @@ def evaluate_predictions(Y: np.ndarray, P: np.ndarray, labels: list[str],
     lo, hi = bootstrap_mean_auroc_ci(Y, P, n_boot, seed, alpha)
     out["mean_auroc"] = float(np.mean(aucs)) if aucs else None
     out["mean_auroc_ci"] = [_num(lo), _num(hi)]
+    for key in ("auprc", "brier", "ece"):
+        vals = [m[key] for m in out["labels"].values() if m[key] is not None]
+        out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+    out["pooled_ece"] = _num(expected_calibration_error(Y.ravel(), P.ravel()))
+    out["calibration"] = {"n_bins": N_BINS, "bins": "equal-width on [0, 1]"}
     out["n_images"] = int(Y.shape[0])
     out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha)}
     if groups is not None:

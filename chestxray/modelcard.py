@@ -142,6 +142,33 @@ def partial_labels_line(metrics: dict[str, Any]) -> str:
             "of the loss, never read as negative.") if parts else ""
 
 
+def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False) -> list[str]:
+    """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table.
+
+    Empty when ``metrics`` predates these numbers (an older metrics.json), so such cards still render.
+    """
+    if metrics.get("mean_ece") is None and metrics.get("mean_brier") is None:
+        return []
+    rows = ["| label | AUPRC (chance) | Brier | ECE |", "|---|---|---|---|"]
+    for label, m in metrics["labels"].items():
+        rows.append(f"| {label} | {_fmt(m.get('auprc'))} ({_fmt(m.get('prevalence'))}) | {_fmt(m.get('brier'))} "
+                    f"| {_fmt(m.get('ece'))} |")
+    n_bins = metrics.get("calibration", {}).get("n_bins", 15)
+    return [
+        "## Calibration", "",
+        f"On the same films ({group}): mean AUPRC **{_fmt(metrics.get('mean_auprc'))}**, mean Brier score "
+        f"**{_fmt(metrics.get('mean_brier'))}**, mean expected calibration error (ECE) "
+        f"**{_fmt(metrics.get('mean_ece'))}** (all labels pooled: {_fmt(metrics.get('pooled_ece'))}).", "",
+        f"*AUPRC* is average precision; its chance level is the label's prevalence (in brackets). *Brier* is the "
+        f"mean squared difference between probability and outcome (0 is perfect). *ECE* sorts the probabilities "
+        f"into {n_bins} equal-width bins and averages |observed frequency - mean probability| weighted by the "
+        "bin's share of films; for a rare label most films sit in the lowest bin, so a small ECE there says "
+        "little: read the reliability diagram. The probabilities are not recalibrated.", "",
+        *(["![Reliability diagram](reliability.png)", ""] if plot else []),
+        "<details><summary>Per label</summary>", "", *rows, "", "</details>", "",
+    ]
+
+
 def provenance(config: dict[str, Any]) -> list[str]:
     """Card lines: what initialised the model, what taught it, input size and Grad-CAM grid."""
     train = config.get("chestxray", {}).get("training", {})
@@ -224,6 +251,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
         "![Training curves](training_curves.png)", "",
+        *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),
+                             plot=(folder / "reliability.png").is_file()),
         "## Training data and split", "",
         f"- Sources: {', '.join(train.get('sources', []))} (see `splits.csv` for every image's split).",
         f"- Split by patient (seed {train.get('seed')}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
@@ -249,8 +278,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         *(f"- **{label}** is a proxy, not a diagnosis: no source here has such labels, so it is trained and "
           f"scored as {' or '.join(PROXIES[label])} (NIH's report-mined findings). Never read it as a diagnosis."
           for label in config.get("label_names", []) if label in PROXIES),
-        "- Grad-CAM maps are min-max scaled per label, so a label at p=0.01 still shows a full-range "
-        "heatmap: read the map together with its probability.",
+        "- Grad-CAM maps are min-max scaled per label by default, so a label at p=0.01 still shows a full-range "
+        "heatmap: read the map together with its probability, or draw it scaled by the probability (an option "
+        "in the app), which makes such a label faint.",
         "- Inputs that are not frontal adult chest radiographs (lateral views, CT, photos) give meaningless "
         "outputs; the toolkit's input gate warns about many of them but not all.", "",
         "## Use", "", "```python", "import timm, torch",

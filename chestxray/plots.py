@@ -1,4 +1,4 @@
-"""Evaluation figures: ROC curves, per-label confusion matrices and training curves (PNG).
+"""Evaluation figures: ROC curves, per-label confusion matrices, reliability diagrams and training curves (PNG).
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, never pyplot, so
 there is no global figure registry to leak into, no GUI backend and no shared state between
@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from chestxray.calibration import N_BINS, brier_score, expected_calibration_error, reliability_bins
 from chestxray.metrics import auroc, roc_curve
 
 DPI = 120
@@ -94,6 +95,67 @@ def plot_confusion_matrices(Y: np.ndarray, P: np.ndarray, labels: Sequence[str],
         ax.set_yticks([0, 1], ["true −", "true +"], fontsize=8)
         note = " (default)" if default else ""
         ax.set_title(f"{name}\nthreshold {t:.3f}{note}", fontsize=9)
+    return _save(fig, path)
+
+
+def _reliability_panel(ax, y: np.ndarray, p: np.ndarray, title: str, n_bins: int) -> None:
+    """One reliability diagram: observed frequency against mean probability per bin, counts behind."""
+    count, mean_p, frac = reliability_bins(y, p, n_bins)
+    edges = np.linspace(0, 1, n_bins + 1)
+    hist = ax.twinx()  # image counts per bin, log scale: most images sit in the lowest bins
+    hist.bar(edges[:-1], np.where(count > 0, count, np.nan), width=1 / n_bins, align="edge", color="0.85",
+             edgecolor="0.7", lw=0.5, zorder=0)
+    hist.set_yscale("log")
+    top = max(10.0, count.max())
+    hist.set_ylim(0.8, top ** 2.5)  # log scale: the bars stay in the lower ~40% of the panel
+    hist.set_yticks([10.0 ** e for e in range(int(np.log10(top)) + 1)])
+    hist.yaxis.set_minor_formatter(NullFormatter())
+    hist.tick_params(labelsize=7, colors="0.45")
+    hist.set_ylabel("images per bin", fontsize=7, color="0.45")
+    ax.set_zorder(hist.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfectly calibrated")
+    full = count > 0
+    few = full & (count < 10)  # hollow markers: too few images to trust the bin
+    ax.plot(mean_p[full], frac[full], "-", color="C0", lw=1.5)
+    ax.plot(mean_p[full & ~few], frac[full & ~few], "o", color="C0", ms=5, label="bins with >= 10 images")
+    ax.plot(mean_p[few], frac[few], "o", mfc="white", mec="C0", ms=5, label="bins with < 10 images")
+    ece, brier = expected_calibration_error(y, p, n_bins), brier_score(y, p)
+    n_pos = int(np.nansum(np.asarray(y) >= 0.5))
+    ax.set_title(f"{title}\n{n_pos} positives of {int(count.sum())} · ECE {ece:.3f} · Brier {brier:.3f}",
+                 fontsize=9)
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    ax.set_box_aspect(1)  # square; aspect="equal" fights the twin axis
+    hist.set_box_aspect(1)
+    ax.set_xlabel("mean predicted probability", fontsize=8)
+    ax.set_ylabel("observed frequency", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_reliability(Y: np.ndarray, P: np.ndarray, labels: Sequence[str], path: str | Path, n_labels: int = 5,
+                     n_bins: int = N_BINS, title: str | None = None) -> Path:
+    """Reliability diagrams: all labels pooled, then the ``n_labels`` labels with the most positives.
+
+    Each panel plots, per equal-width probability bin, the observed positive fraction against the
+    mean predicted probability (on the diagonal = calibrated; below it = overconfident), with the
+    image count per bin (log scale) behind and the panel's ECE and Brier score in its title.
+    """
+    Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    npos = [int(np.nansum(Y[:, k] >= 0.5)) for k in range(len(labels))]
+    chosen = [k for k in sorted(range(len(labels)), key=lambda k: -npos[k]) if npos[k] > 0][:n_labels]
+    panels = [("All labels pooled", Y.ravel(), P.ravel())]
+    panels += [(labels[k], Y[:, k], P[:, k]) for k in chosen]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, y, p) in zip(axes, panels):
+        _reliability_panel(ax, y, p, name, n_bins)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    axes[0].legend(loc="upper left", fontsize=7, frameon=False)
+    fig.suptitle(title or f"Reliability ({n_bins} equal-width bins)", fontsize=11)
     return _save(fig, path)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chestxray.cam import FAST_METHODS, all_label_cams, cam_at, method_cam, overlay
+from chestxray.cam import FAST_METHODS, add_colorbar, all_label_cams, cam_at, method_cam, overlay, scale_map
 from chestxray.checkpoint import Checkpoint, load_checkpoint
 from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
 from chestxray.imaging import XrayImage, read_image
@@ -94,9 +94,21 @@ class Analysis:
         """The label's map at display resolution."""
         return cam_at(self.cams[self.labels.index(label)], self.image.shape)
 
-    def overlay(self, label: str, alpha: float = 0.4) -> np.ndarray:
-        """RGB uint8 overlay of the label's map on the display image."""
-        return overlay(self.image, self.cam(label), alpha)
+    def overlay(self, label: str, alpha: float = 0.4, scale: str = "minmax", cam: np.ndarray | None = None,
+                colorbar: bool = False) -> np.ndarray:
+        """RGB uint8 overlay of the label's map on the display image: the one rendering path of every map.
+
+        Args:
+            label: the label.
+            alpha: opacity at map value 1.
+            scale: ``"minmax"`` (the map's own range) or ``"probability"`` (times the label's
+                probability, so a low-probability label is faint); see :data:`chestxray.cam.SCALES`.
+            cam: a [0,1] map of this label from another method (e.g. Grad-CAM++) instead of the stored one.
+            colorbar: append the colour key on the right (the image gets wider).
+        """
+        m = self.cam(label) if cam is None else cam
+        rgb = overlay(self.image, scale_map(m, scale, self.prob_dict()[label]), alpha)
+        return add_colorbar(rgb) if colorbar else rgb
 
 
 class Predictor:

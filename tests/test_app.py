@@ -171,9 +171,24 @@ def test_overlay_changes_run_no_forward(served, data_dir, forwards):
     a, b = (np.asarray(Image.open(p)) for p in (first[0], second[0]))
     assert a.shape == b.shape and not np.array_equal(a, b)  # the opacity took effect
     assert out[0]["label"] in out[3]
+    # The heatmap scale is drawing only: per-label range vs scaled by probability, no forward either way.
+    probs, film = _probs(out[0]), np.asarray(Image.open(out[4]).convert("RGB"), float)
+
+    def change(path):  # how far an overlay moves the film's pixels (left of the colour bar)
+        return np.abs(np.asarray(Image.open(path), float)[:, :film.shape[1]] - film).mean()
+
+    # the least probable label whose map is not flat (a random model can give an all-negative map)
+    low, mm = next((k, r) for k in sorted(probs, key=probs.get)
+                   if change((r := client.predict(k, "gradcam", 0.8, "minmax", api_name="/explain"))[0]) > 1)
+    scaled = client.predict(low, "gradcam", 0.8, "probability", api_name="/explain")
+    assert forwards["tiny_eff"] == count
+    assert "per-label range" in mm[1] and "scaled by probability" in scaled[1] and "Colour bar" in scaled[1]
+    assert np.asarray(Image.open(mm[0])).shape[1] > film.shape[1]  # the colour bar on the right edge
+    assert change(scaled[0]) < probs[low] * change(mm[0]) + 1  # the low-p label is drawn faint
     client.predict("Effusion", "gradcam++", 0.4, api_name="/explain")  # one forward + backward: expected
     count = forwards["tiny_eff"]
     client.predict("Effusion", "gradcam++", 0.7, api_name="/explain")  # the map is kept: opacity is free
+    client.predict("Effusion", "gradcam++", 0.7, "probability", api_name="/explain")  # and so is the scale
     assert forwards["tiny_eff"] == count
 
 
@@ -190,6 +205,8 @@ def test_compare(served, data_dir, forwards):
     count = dict(forwards)
     gallery = client.predict("Hernia", 0.5, api_name="/compare_overlay")
     assert forwards == count and len(gallery) == 2 and all("Hernia" in g["caption"] for g in gallery)
+    gallery = client.predict("Hernia", 0.5, "probability", api_name="/compare_overlay")
+    assert forwards == count and all("scaled by probability" in g["caption"] for g in gallery)
 
 
 def test_batch_csv(served, data_dir, bad_corpus):

@@ -101,4 +101,63 @@ def test_overlay_opacity():
     cam = np.ones((4, 4), np.float32)
     assert overlay(gray, cam, alpha=0.0).max() == 0
     full = overlay(gray, cam, alpha=1.0)
-    assert full.shape == (32, 32, 3) and full[..., 0].mean() > 100  # jet at 1.0 is dark red
+    assert full.shape == (32, 32, 3) and full[..., 1].mean() > 200  # viridis at 1.0 is yellow
+    film = np.full((32, 32), 0.5, np.float32)
+    assert np.all(overlay(film, np.zeros((4, 4), np.float32), alpha=1.0) == 128)  # map 0: the film untouched
+
+
+def test_overlay_colormap_is_viridis_not_jet():
+    from matplotlib import colormaps
+
+    gray = np.zeros((8, 8), np.float32)
+    for value in (1.0, 0.5):
+        px = overlay(gray, np.full((8, 8), value, np.float32), alpha=1.0)[4, 4].astype(int)
+        # at opacity 1 x value over black, the pixel is value x colormap(value)
+        want = np.round(value * np.round(np.array(colormaps["viridis"](value)[:3]) * 255))
+        jet = np.round(value * np.array(colormaps["jet"](value)[:3]) * 255)
+        assert np.abs(px - want).max() <= 1 and np.abs(px - jet).max() > 40
+
+
+def test_probability_scale_is_fainter_for_low_p(xray):
+    from chestxray.cam import SCALES, scale_map
+
+    yy, xx = np.mgrid[0:4, 0:4]
+    cam = minmax(torch.tensor(-((yy - 1.0) ** 2 + (xx - 2.0) ** 2))).numpy()
+    film = xray.round(2)
+    shown = np.repeat(np.round(film * 255)[..., None], 3, axis=2)
+
+    def strength(m):  # how far the overlay moves the film's pixels
+        return np.abs(overlay(film, m, alpha=0.6).astype(float) - shown).mean()
+
+    assert np.array_equal(scale_map(cam, "minmax", 0.05), cam)
+    np.testing.assert_allclose(scale_map(cam, "probability", 0.3), 0.3 * cam)
+    minmax_map, low, high = strength(cam), strength(scale_map(cam, "probability", 0.05)), \
+        strength(scale_map(cam, "probability", 0.9))
+    assert low < 0.1 * minmax_map and low < 0.2 * high < high <= minmax_map
+    assert set(SCALES) == {"minmax", "probability"}
+    with pytest.raises(ValueError):
+        scale_map(cam, "log", 0.5)
+
+
+def test_colorbar_is_appended_with_the_colormap():
+    from chestxray.cam import add_colorbar, colormap_lut
+
+    rgb = np.zeros((200, 160, 3), np.uint8)
+    out = add_colorbar(rgb)
+    assert out.shape[0] == 200 and out.shape[1] > 160 and np.array_equal(out[:, :160], rgb)
+    lut = colormap_lut()
+    column = out[:, 160 + 6]  # through the bar
+    bar = column[(column != column[0]).any(axis=1)]  # the rows off the strip's background
+    assert len(bar) > 150 and np.array_equal(bar[0], lut[-1]) and np.array_equal(bar[-1], lut[0])  # 1 top, 0 bottom
+
+
+def test_analysis_overlay_is_the_one_rendering_path(tmp_path, data_dir):
+    folder = make_checkpoint(tmp_path / "tiny", img_size=64)
+    a = Predictor(load_folder(folder), device="cpu").analyze(data_dir / "nih/images_384/00000100_000.png")
+    label = a.labels[int(np.argmin(a.probs))]
+    p = a.prob_dict()[label]
+    np.testing.assert_array_equal(a.overlay(label, 0.5), overlay(a.image, a.cam(label), 0.5))
+    np.testing.assert_array_equal(a.overlay(label, 0.5, scale="probability"), overlay(a.image, p * a.cam(label), 0.5))
+    other = np.ones_like(a.image)
+    np.testing.assert_array_equal(a.overlay(label, 0.5, cam=other), overlay(a.image, other, 0.5))
+    assert a.overlay(label, 0.5, colorbar=True).shape[1] > a.image.shape[1]

@@ -16,8 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "layout", "checkpoint", "hub",
            "predictor", "gate", "registry", "pretrained"}
-OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "plots",
-           "gate_fit", "distill", "localization", "cli", "train_cli"}
+OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
+           "plots", "gate_fit", "distill", "localization", "cli", "train_cli"}
 
 
 def _modules() -> dict[str, ast.Module]:

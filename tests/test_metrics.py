@@ -215,3 +215,74 @@ def test_plots_write_pngs(tmp_path) -> None:
             {"epoch": 3, "train_loss": 0.35, "val_loss": 0.41, "val_mean_auroc": 0.76}]
     _check_png(plots.plot_training_curves(rows, tmp_path / "curves.png"))
     _check_png(plots.plot_training_curves([], tmp_path / "empty.png"))
+
+
+# -- calibration and precision-recall (chestxray.calibration) -------------------------------------
+def test_average_precision_matches_sklearn_with_ties_and_nan() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from chestxray.calibration import average_precision
+    Y, P = _data()
+    for k in range(K):
+        assert average_precision(Y[:, k], P[:, k]) == pytest.approx(average_precision_score(Y[:, k], P[:, k]),
+                                                                    abs=1e-12)
+    # by hand: scores .9 (pos), .8 (neg), .7 (pos), .7 (neg): steps R .5 P 1, then R 1 P 2/4
+    y, p = np.array([1, 0, 1, 0, np.nan]), np.array([0.9, 0.8, 0.7, 0.7, 0.1])
+    assert average_precision(y, p) == pytest.approx(0.5 * 1 + 0.5 * 0.5)
+    assert math.isnan(average_precision(np.zeros(5), np.linspace(0, 1, 5)))
+    assert math.isnan(average_precision(np.ones(5), np.linspace(0, 1, 5)))
+
+
+def test_brier_matches_sklearn() -> None:
+    from sklearn.metrics import brier_score_loss
+
+    from chestxray.calibration import brier_score
+    Y, P = _data()
+    for k in (0, 7, 14):
+        assert brier_score(Y[:, k], P[:, k]) == pytest.approx(brier_score_loss(Y[:, k], P[:, k]), abs=1e-12)
+    assert brier_score(np.array([1.0, 0.0, np.nan]), np.array([0.8, 0.4, 0.9])) == pytest.approx((0.04 + 0.16) / 2)
+    assert math.isnan(brier_score(np.full(3, np.nan), np.ones(3)))
+
+
+def test_ece_by_hand_calibrated_and_overconfident() -> None:
+    from chestxray.calibration import expected_calibration_error as ece
+    from chestxray.calibration import reliability_bins
+    # by hand, 15 bins: p=0.1 (bin 1) x4 with 1 positive, p=0.9 (bin 13) x2 with 2 positives, p=1 -> last bin
+    y = np.array([1, 0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 1.0])
+    expected = (4 * abs(0.25 - 0.1) + 2 * abs(1.0 - 0.9) + 1 * 0.0) / 7
+    assert ece(y, p) == pytest.approx(expected)
+    count, mean_p, frac = reliability_bins(y, p)
+    assert count.tolist() == [0, 4] + [0] * 11 + [2, 1] and frac[1] == 0.25 and mean_p[14] == 1.0
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    calibrated = (rng.random(p.size) < p).astype(float)  # y ~ Bernoulli(p)
+    assert ece(calibrated, p) < 0.01
+    overconfident = np.where(p > 0.5, 0.99, 0.01)  # the same outcomes, said with near certainty
+    assert ece(calibrated, overconfident) > 0.2
+    assert math.isnan(ece(np.full(3, np.nan), np.ones(3)))
+
+
+def test_report_has_calibration_per_label_and_mean() -> None:
+    from sklearn.metrics import average_precision_score, brier_score_loss
+    Y, P = _data()
+    Y = _undefined(Y)
+    rep = M.evaluate_predictions(Y, P, LABELS, n_boot=0)
+    json.dumps(rep, allow_nan=False)
+    m = rep["labels"][LABELS[14]]
+    assert m["auprc"] == pytest.approx(average_precision_score(Y[:, 14], P[:, 14]))
+    assert m["brier"] == pytest.approx(brier_score_loss(Y[:, 14], P[:, 14]))
+    assert m["prevalence"] == pytest.approx(Y[:, 14].mean()) and 0 <= m["ece"] <= 1
+    assert rep["labels"][LABELS[3]]["auprc"] is None  # one class: undefined, as AUROC
+    assert rep["labels"][LABELS[3]]["brier"] is not None  # but its probabilities can still be scored
+    auprcs = [v["auprc"] for v in rep["labels"].values() if v["auprc"] is not None]
+    assert len(auprcs) == K - 2 and rep["mean_auprc"] == pytest.approx(np.mean(auprcs))
+    assert rep["mean_ece"] == pytest.approx(np.mean([v["ece"] for v in rep["labels"].values()]))
+    assert rep["mean_brier"] is not None and rep["pooled_ece"] is not None
+    assert rep["calibration"]["n_bins"] == 15
+
+
+def test_reliability_png(tmp_path) -> None:
+    Y, P = _data()
+    _check_png(plots.plot_reliability(_undefined(Y), P, LABELS, tmp_path / "reliability.png"), 800, 600)
+    _check_png(plots.plot_reliability(Y[:, :1], P[:, :1], LABELS[:1], tmp_path / "one.png"))

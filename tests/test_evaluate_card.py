@@ -1,0 +1,66 @@
+"""evaluate on real films writes the calibration numbers and reliability.png; the card shows them."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.helpers import make_checkpoint
+
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, data_dir):
+    """(checkpoint folder, config, metrics) of a tiny checkpoint evaluated on 24 real NIH films."""
+    from chestxray.data import read_manifest
+    from chestxray.evaluate import evaluate_manifest
+    from chestxray.predictor import Predictor
+
+    tmp = tmp_path_factory.mktemp("eval")
+    folder = make_checkpoint(tmp / "tiny", seed=2)
+    labels = pd.read_csv(data_dir / "nih/images_384/labels.csv")
+    sick = labels[labels["Finding Labels"] != "No Finding"].head(N_IMAGES // 2)
+    healthy = labels[labels["Finding Labels"] == "No Finding"].head(N_IMAGES // 2)
+    csv = tmp / "labels.csv"
+    pd.concat([sick, healthy]).to_csv(csv, index=False)
+    predictor = Predictor.load(folder, device="cpu")
+    df = read_manifest(csv, data_dir / "nih/images_384", predictor.labels, source="nih384", missing="drop")
+    metrics = evaluate_manifest(predictor, df, folder, n_boot=0, progress=False)
+    return folder, json.loads((folder / "config.json").read_text()), metrics
+
+
+def test_evaluate_writes_calibration_and_reliability_png(evaluated):
+    folder, _, metrics = evaluated
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("mean_auprc", "mean_brier", "mean_ece", "pooled_ece"):
+        assert 0.0 <= saved[key] <= 1.0, key
+    nf = saved["labels"]["No Finding"]
+    assert nf["prevalence"] == pytest.approx(0.5) and nf["auprc"] is not None
+    assert {"brier", "ece"} <= set(saved["by_group"]["nih384"]["labels"]["Effusion"])
+    with Image.open(folder / "reliability.png") as im:
+        assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 400
+
+
+def test_card_has_calibration_section_and_old_metrics_still_render(evaluated):
+    from chestxray.modelcard import write_model_card
+
+    folder, config, metrics = evaluated
+    card = write_model_card(folder, name="tiny", config=config, metrics=metrics, headline_group="nih384").read_text()
+    assert "## Calibration" in card and "![Reliability diagram](reliability.png)" in card
+    section = card.split("## Calibration")[1].split("\n## ")[0]
+    assert f"{metrics['mean_ece']:.3f}" in section and f"{metrics['mean_brier']:.3f}" in section
+    assert "| Effusion |" in section and "15 equal-width bins" in section
+    # A metrics.json written before these numbers existed: no section, and no error.
+    old = json.loads(json.dumps(metrics))
+    for m in [old, *old["by_group"].values()]:
+        for key in ("mean_auprc", "mean_brier", "mean_ece", "pooled_ece", "calibration"):
+            m.pop(key)
+        for lm in m["labels"].values():
+            for key in ("auprc", "prevalence", "brier", "ece"):
+                lm.pop(key)
+    card = write_model_card(folder, name="tiny", config=config, metrics=old, headline_group="nih384").read_text()
+    assert "## Calibration" not in card and "## Results on held-out patients" in card
