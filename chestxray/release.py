@@ -155,22 +155,25 @@ def summary_row(folder: Path) -> dict[str, Any]:
     t = cfg.get("chestxray", {}).get("training", {})
     val_sources = t.get("val_sources")
     return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.get("val_mean_auroc"),
+            "label_set": cfg.get("chestxray", {}).get("label_set"),
             "val_sources": val_sources if isinstance(val_sources, list) else None,
             "headline_group": m.get("headline_group", m.get("headline_source")),
             "mean_auroc": m.get("mean_auroc", {}), "mean_auroc_ci": m.get("mean_auroc_ci", {}),
             "size_mb": round((folder / WEIGHTS_FILE).stat().st_size / 2**20, 1)}
 
 
-def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | None = None) -> str:
+def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | None = None,
+                 label_set: str = "nih14") -> str:
     """Makes the shipped model with the best validation mean AUROC (NIH's balanced films) the default.
 
-    Sets ``default:`` in ``models.yaml`` and says so, with the comparison, in that model's card.
+    Only models of ``label_set`` compete: a mean AUROC over other labels is not comparable. Sets
+    ``default:`` in ``models.yaml`` and says so, with the comparison, in that model's card.
     """
     import re
 
     root = Path(dest_root or weights_dir())
     rows = [summary_row(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file() and p.suffix != ".tmp"]
-    rows = [r for r in rows if r["val_mean_auroc"] is not None]
+    rows = [r for r in rows if r["val_mean_auroc"] is not None and r["label_set"] in (label_set, None)]
     # Only a selection on balanced validation films is a fair comparison; older models chosen on
     # a mixed validation set compete only when no model was selected the fair way.
     balanced = [r for r in rows if HEADLINE in (r["val_sources"] or [])]

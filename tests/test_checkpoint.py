@@ -135,3 +135,28 @@ def test_pretrained_offline_trains_from_scratch_with_a_warning(monkeypatch, capl
         model = create_model("resnet10t", 3, pretrained=True)
     assert model.get_classifier().out_features == 3
     assert any("training from scratch" in r.getMessage() for r in caplog.records)
+
+
+def test_mark_default_compares_balanced_validation_within_one_label_set(tmp_path):
+    """The default is the best NIH-14 model on balanced validation films; a model selected on a mixed
+    set or trained on other labels never wins on its (incomparable) higher number."""
+    from chestxray.release import mark_default
+
+    def ship(name: str, val: float, val_sources: list[str], label_set: str = "nih14") -> None:
+        folder = tmp_path / "weights" / name
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"0" * 1024)
+        (folder / "README.md").write_text(f"# {name}\n")
+        (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "chestxray": {
+            "label_set": label_set, "training": {"val_mean_auroc": val, "val_sources": val_sources}}}))
+
+    ship("fair_low", 0.60, ["reproduce_chexnet"])
+    ship("fair_best", 0.63, ["reproduce_chexnet"])
+    ship("mixed", 0.75, ["nih384", "nih64"])
+    ship("six_labels", 0.90, [], label_set="six")
+    models = tmp_path / "models.yaml"
+    models.write_text("default: mixed\nmodels: []\n")
+    assert mark_default(models, tmp_path / "weights") == "fair_best"
+    assert models.read_text().startswith("default: fair_best\n")
+    card = (tmp_path / "weights/fair_best/README.md").read_text()
+    assert "## The app's default model" in card and "fair_low 0.600" in card and "six_labels" not in card
