@@ -137,8 +137,9 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
             + ". (`python -m chestxray localize --model NAME` reproduces it.)")
     extra["Reproduce"] = (
         "```bash\n"
-        f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n"
-        f"python -m chestxray evaluate --model {name} --data-root ../shared/data "
+        + (f"chestxray train --config {train_cfg['recipe']}\n" if train_cfg.get("recipe") else
+           f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n")
+        + f"python -m chestxray evaluate --model {name} --data-root ../shared/data "
         + " ".join(f"--source {s}" for s in sorted(test['source'].unique()))
         + f" --split test --out eval/{name}\n```")
     write_model_card(tmp, name=name, config=cfg, metrics=metrics, headline_group=headline, mixed_group=MIXED,

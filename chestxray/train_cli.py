@@ -65,6 +65,7 @@ HELP = {
     "max_steps": "stop after this many optimizer steps (smoke tests; 0 = no limit)",
     "eval_boot": "bootstrap resamples for the final evaluation's confidence intervals",
     "push_to_hub": "release the best checkpoint and upload it to this Hub repo (org/name) at the end",
+    "recipe": "the recipe's path, recorded for the model card's 'Reproduce' line (set by --config)",
 }
 
 EPILOG = """examples:
@@ -118,6 +119,7 @@ def resolve_config(argv: Sequence[str] | None = None, prog: str = "chestxray tra
     values: dict = {}
     if args.config:
         values.update(load_yaml(Path(args.config)))
+        values["recipe"] = Path(args.config).as_posix()
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     return TrainConfig.from_dict(values)
 

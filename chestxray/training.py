@@ -85,6 +85,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = no limit
     eval_boot: int = 1000
     push_to_hub: str | None = None
+    recipe: str | None = None  # the YAML file this run was configured from (set by --config), for the card
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

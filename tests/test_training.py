@@ -186,6 +186,7 @@ def test_yaml_recipe_and_flags_precedence(tmp_path):
     recipe.write_text("base: " + str(REPO / "train/configs/base.yaml") + "\narch: resnet18\nepochs: 3\n")
     cfg = resolve_config(["--config", str(recipe), "--epochs", "5"])
     assert (cfg.arch, cfg.epochs, cfg.labels) == ("resnet18", 5, "nih14")
+    assert cfg.recipe == recipe.as_posix()  # the card's "Reproduce" line names it
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="unknown training options: epochz"):
         resolve_config(["--config", str(tmp_path / "bad.yaml")])
