@@ -177,7 +177,8 @@ def provenance(config: dict[str, Any]) -> list[str]:
     return [f"- Initialised from: {init}.",
             f"- Taught by: {train.get('taught_by', 'the labels')}.",
             f"- Input: {size} x {size} px, gray, the whole film resized (no crop); Grad-CAM grid "
-            f"{size // 32} x {size // 32} cells (the last feature map, stride 32)."]
+            f"{size // 32} x {size // 32} cells (the last feature map, stride 32).",
+            *([f"- Trained on: {train['trained_on']}."] if train.get("trained_on") else [])]
 
 
 def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
