@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from chestxray.cam import FAST_METHODS, METHODS, SCALES  # noqa: E402
+from chestxray.cam import FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
 from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.predictor import Analysis  # noqa: E402
@@ -85,9 +85,6 @@ MAX_GALLERY = 8
 GALLERY_SIDE = 256  # gallery thumbnails: smaller PNGs to encode and send
 #: gr.Label shows (and the API returns) this many labels: more than any label set, so all of them.
 NUM_TOP = 32
-METHOD_NAMES = {"gradcam": "Grad-CAM (fast)", "hirescam": "HiResCAM (fast)", "gradcam++": "Grad-CAM++",
-                "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM (no label)",
-                "scorecam": "Score-CAM (slow)"}
 #: Heatmap scales (chestxray.cam.SCALES) as the app names them.
 SCALE_NAMES = {"minmax": "Per-label range (min-max)", "probability": "Scaled by probability"}
 TITLE = "Chest X-ray findings: research demo"
@@ -189,7 +186,7 @@ def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
         how = ("**per-label range (min-max)**: each map is stretched to its own range, so a label with a low "
                "probability still gets a full-range heatmap")
     return (f"**{label}**: probability **{p:.3f}** (operating threshold {t:.3f}: {side} threshold). "
-            f"Map: {METHOD_NAMES.get(method, method)}, {how}. Colour bar (right edge, viridis): 0 = no evidence "
+            f"Map: {METHOD_TITLES.get(method, method)}, {how}. Colour bar (right edge, viridis): 0 = no evidence "
             f"for the label (the film shows through), 1 = the strongest evidence; colour and opacity rise together."
             f"{extra}")
 
@@ -506,7 +503,7 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                         with gr.Row():
                             label_dd = gr.Dropdown([], value=None, label="Heatmap for label",
                                                    allow_custom_value=True)
-                            method_dd = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items() if k in METHODS],
+                            method_dd = gr.Dropdown([(METHOD_TITLES[k], k) for k in METHODS],
                                                     value="gradcam", label="Method")
                         with gr.Row():
                             alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity (at value 1)")

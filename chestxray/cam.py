@@ -40,6 +40,10 @@ METHODS: dict[str, str] = {
     "scorecam": "ScoreCAM",
 }
 FAST_METHODS = ("gradcam", "hirescam")
+#: What the app's method menu shows for each of :data:`METHODS` (one place for the names).
+METHOD_TITLES: dict[str, str] = {"gradcam": "Grad-CAM (fast)", "hirescam": "HiResCAM (fast)",
+                                 "gradcam++": "Grad-CAM++", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
+                                 "eigencam": "EigenCAM (no label)", "scorecam": "Score-CAM (slow)"}
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:

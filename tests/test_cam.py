@@ -161,3 +161,11 @@ def test_analysis_overlay_is_the_one_rendering_path(tmp_path, data_dir):
     other = np.ones_like(a.image)
     np.testing.assert_array_equal(a.overlay(label, 0.5, cam=other), overlay(a.image, other, 0.5))
     assert a.overlay(label, 0.5, colorbar=True).shape[1] > a.image.shape[1]
+
+
+def test_every_cam_method_has_one_title_the_app_shows():
+    from chestxray.cam import FAST_METHODS, METHOD_TITLES, METHODS
+
+    assert list(METHOD_TITLES) == list(METHODS)  # same methods, same menu order
+    assert all("(fast)" in METHOD_TITLES[m] for m in FAST_METHODS)
+    assert not any("(fast)" in t for m, t in METHOD_TITLES.items() if m not in FAST_METHODS)
