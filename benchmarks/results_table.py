@@ -14,7 +14,6 @@ CPU latency of one predict + all-label Grad-CAM (``Predictor.analyze`` on a deco
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ import pandas as pd
 import torch
 
 from chestxray.checkpoint import list_shipped, load_checkpoint, weights_dir
+from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.evaluate import BALANCED_COHORT, evaluate
 from chestxray.imaging import read_image
 from chestxray.localization import held_out_pointing_game
@@ -79,20 +79,19 @@ def main() -> int:
             m = evaluate(name, tmp, sources=sources, data_root=args.data_root, split="test", n_boot=args.n_boot,
                          progress=False)
         g = m["by_group"]
-        cfg = json.loads((folder / "config.json").read_text())
-        train = cfg.get("chestxray", {}).get("training", {})
+        train = CkptMeta.read(folder).training or Training()
         pred = Predictor(load_checkpoint(name), device="cpu")
         loc = held_out_pointing_game(pred, args.data_root)
         flags = g.get("nih384", {}).get("flags_per_normal_film")
-        val_on = ", ".join(train.get("val_sources") or ["all"])
-        init = str(train.get("initialised_from", "ImageNet" if train.get("pretrained") else "random")).split(",")[0]
-        taught = "teacher" if str(train.get("taught_by", "")).startswith("teacher") else "labels"
+        val_on = train.val_sources if isinstance(train.val_sources, str) else ", ".join(train.val_sources or ["all"])
+        init = (train.initialised_from or ("ImageNet" if train.pretrained else "random")).split(",")[0]
+        taught = "teacher" if (train.taught_by or "").startswith("teacher") else "labels"
         size = (folder / "model.safetensors").stat().st_size / 2**20
         print(f"| {name} | {_ci(g.get(BALANCED_COHORT, {}))} | {_ci(g.get('nih384', {}))} | "
               f"{_label_auc(g.get('kermany', {}), 'Pneumonia')} | {_label_auc(g.get('covid', {}), 'Pneumonia')} | "
               f"{'n/a' if flags is None else f'{flags:.1f}'} | "
               f"{loc['hit_rate']:.0%} of {loc['n_pairs']} ({loc['chance']:.0%}) | "
-              f"{train.get('val_mean_auroc')} ({val_on}) | {init} / {taught} | {size:.1f} | "
+              f"{train.val_mean_auroc} ({val_on}) | {init} / {taught} | {size:.1f} | "
               f"{_latency_ms(pred, xray, args.runs):.0f} |", flush=True)
     print("| *CheXNet, published (for scale)* | *0.841 (14 findings; DenseNet-121, ImageNet-pretrained, 224 px, "
           "~98k training images)* | | | | | | | | *28 (fp32)* | |")

@@ -11,12 +11,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from chestxray.ckpt_config import KEY as META_KEY  # noqa: F401 (re-exported)
+from chestxray.ckpt_config import CkptMeta
 from chestxray.hub import resolve
 from chestxray.labels import name_set
 from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir  # noqa: F401 (re-exports)
@@ -24,8 +27,10 @@ from chestxray.models import ARCHS, create_model
 from chestxray.transforms import GRAY_MEAN, GRAY_STD, Preprocess
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
-#: Our own fields live under this key of config.json (timm ignores unknown root keys).
-META_KEY = "chestxray"
+#: ``pretrained_cfg`` fields timm carries over from the architecture's ImageNet weights (where they came
+#: from, which paper): they do not describe weights trained here, so a saved config leaves them out.
+FOREIGN_PROVENANCE = ("origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "hf_hub_filename", "url",
+                      "file", "source")
 
 
 def list_shipped() -> list[str]:
@@ -47,7 +52,7 @@ class Checkpoint:
     thresholds: dict[str, float]
     config: dict[str, Any] = field(repr=False)
     path: Path
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    meta: CkptMeta = field(default_factory=CkptMeta, repr=False)
 
     @property
     def name(self) -> str:
@@ -57,7 +62,7 @@ class Checkpoint:
 
 def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, labels: list[str],
                     img_size: int, mean: tuple[float, ...] = GRAY_MEAN, std: tuple[float, ...] = GRAY_STD,
-                    thresholds: dict[str, float] | None = None, meta: dict[str, Any] | None = None,
+                    thresholds: dict[str, float] | None = None, meta: CkptMeta | Mapping[str, Any] | None = None,
                     half: bool = False) -> Path:
     """Writes ``config.json`` (timm's layout plus our ``chestxray`` block) and ``model.safetensors``.
 
@@ -69,7 +74,9 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, 
         img_size: input side used in training.
         mean, std: normalisation used in training.
         thresholds: per-label operating thresholds (label -> probability).
-        meta: extra fields for the ``chestxray`` block (training data, metrics summary, ...).
+        meta: the rest of the ``chestxray`` block (training facts, test metrics, ...): a
+            :class:`~chestxray.ckpt_config.CkptMeta` or its dict form; ``labels`` and
+            ``thresholds`` fill in its label set and thresholds.
         half: store weights as float16 (halves the size; loading casts back to float32).
     """
     from timm.models import save_for_hf  # local import: timm's hub helpers pull in huggingface_hub
@@ -83,15 +90,25 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, *, arch: str, 
     in_chans = _first_conv_in_chans(model) or 1
     data_config = {"input_size": (in_chans, img_size, img_size), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
-    block = {"label_set": name_set(labels) or "custom", "thresholds": dict(thresholds or {}), **(meta or {})}
-    model_config = {"label_names": list(labels), META_KEY: block,
-                    # The weights are ours, not the ImageNet tag timm would carry over.
-                    "pretrained_cfg": {"tag": "chestxray", "license": "apache-2.0"}}
+    block = copy.deepcopy(meta) if isinstance(meta, CkptMeta) else CkptMeta.from_dict(meta)
+    block.label_set = block.label_set or name_set(labels) or "custom"
+    block.thresholds = {**block.thresholds, **(thresholds or {})}
+    # The weights are ours, not the ImageNet tag timm would carry over.
+    model_config = {"label_names": list(labels), "pretrained_cfg": {"tag": "chestxray", "license": "apache-2.0"}}
     save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
+    config_path = out / CONFIG_FILE
+    config_path.write_text(json.dumps(block.apply(own_provenance(json.loads(config_path.read_text()))), indent=2))
     state = model.state_dict()
     safetensors.torch.save_file(half_state(state) if half else {k: v.contiguous() for k, v in state.items()},
                                 str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+def own_provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """Drops :data:`FOREIGN_PROVENANCE` from a config's ``pretrained_cfg`` (in place) and returns the config."""
+    for key in FOREIGN_PROVENANCE:
+        config.get("pretrained_cfg", {}).pop(key, None)
+    return config
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,8 +181,8 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -
                   if got is not None and got.shape[0] != head[0] else str(err).splitlines()[0][:200])
         raise CheckpointError(f"{folder.name}: config.json does not match the weights ({detail})") from None
     model.eval().to(device)
-    meta = dict(cfg.get(META_KEY, {}))
-    thresholds = {k: float(v) for k, v in meta.get("thresholds", {}).items() if k in labels}
+    meta = CkptMeta.from_config(cfg)
+    thresholds = {k: v for k, v in meta.thresholds.items() if k in labels}
     return Checkpoint(model=model, arch=arch, labels=labels, preprocess=Preprocess.from_config(cfg["pretrained_cfg"]),
                       thresholds=thresholds, config=cfg, path=folder, meta=meta)
 

@@ -24,6 +24,7 @@ import yaml
 
 from chestxray import hub
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
+from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num
 from chestxray.labels import GROUP_NAMES
 from chestxray.layout import MODELS_ENV, models_file  # noqa: F401 (MODELS_ENV re-exported)
 from chestxray.predictor import Predictor
@@ -143,23 +144,23 @@ class ModelRegistry:
         else:
             folder = self.folder(name)
             cfg = read_config(folder)
-        meta = cfg.get("chestxray") if isinstance(cfg.get("chestxray"), dict) else {}
-        training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+        meta = CkptMeta.from_config(cfg)
+        training = meta.training or Training()
         size = (cfg.get("pretrained_cfg") or {}).get("input_size") or [None]
         card: dict[str, Any] = {
             "name": name, "arch": cfg.get("architecture"), "img_size": size[-1],
-            "labels": list(cfg.get("label_names") or []), "label_set": meta.get("label_set"),
-            "thresholds": {k: float(v) for k, v in (meta.get("thresholds") or {}).items() if _is_num(v)},
+            "labels": list(cfg.get("label_names") or []), "label_set": meta.label_set,
+            "thresholds": dict(meta.thresholds),
             "source": self.entries[name].hub if folder.parent != weights_dir() else f"weights/{folder.name}",
         }
         for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources",
                     "initialised_from", "taught_by"):
-            if training.get(key) is not None:
-                card[key] = training[key]
-        if _is_num(training.get("val_mean_auroc")):
-            card["val_mean_auroc"] = float(training["val_mean_auroc"])
-            card.update({"val_mean_auroc_ci": ci} if (ci := _ci(training.get("val_mean_auroc_ci"))) else {})
-        card.update({"metrics": summary} if (summary := _metrics_summary(meta)) else {})
+            if getattr(training, key) not in (None, [], {}):
+                card[key] = getattr(training, key)
+        if training.val_mean_auroc is not None:
+            card["val_mean_auroc"] = training.val_mean_auroc
+            card.update({"val_mean_auroc_ci": training.val_mean_auroc_ci} if training.val_mean_auroc_ci else {})
+        card.update({"metrics": summary} if meta.metrics and (summary := _metrics_summary(meta.metrics)) else {})
         return card
 
 
@@ -174,41 +175,13 @@ def _warn_unpinned(ref: str, local: str) -> None:
                     "publish` prints it): not following it; using shipped weights/%s", ref, local)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-
-
-def _ci(ci: Any) -> list[float] | None:
-    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(v) for v in ci)
-    return [float(v) for v in ci] if ok else None
-
-
-def _metrics_summary(meta: dict) -> dict[str, Any]:
-    """``{title: {mean_auroc, mean_auroc_ci?, n_images?}}`` from whatever evaluation block is present.
-
-    A release's per-group block (``mean_auroc: {group: value}``) gives one entry per group, the
-    headline group (NIH's label-balanced films) first and the mixed NIH set second.
-    """
+def _metrics_summary(m: ReleaseMetrics) -> dict[str, Any]:
+    """``{title: {mean_auroc, mean_auroc_ci?, n_images?}}``, one entry per test group with a mean AUROC:
+    the headline group (NIH's label-balanced films) first, the mixed NIH set second."""
     out: dict[str, Any] = {}
-    for key in ("metrics", "evaluation", "test"):
-        block = meta.get(key)
-        if not isinstance(block, dict):
-            continue
-        split = str(block.get("split") or ("test" if key == "test" else "evaluation"))
-        if isinstance(block.get("mean_auroc"), dict):  # per group
-            cis = block.get("mean_auroc_ci") if isinstance(block.get("mean_auroc_ci"), dict) else {}
-            ns = block.get("n_test_images") if isinstance(block.get("n_test_images"), dict) else {}
-            first = [block.get("headline_group", block.get("headline_source")), block.get("mixed_group")]  # v1: headline_source
-            groups = sorted(block["mean_auroc"], key=lambda g: (g not in first, first.index(g) if g in first else 0, g))
-            flat = {f"{split}, {GROUP_NAMES.get(g, g)}": {"mean_auroc": block["mean_auroc"][g],
-                                                           "mean_auroc_ci": cis.get(g), "n_images": ns.get(g)}
-                    for g in groups}
-        else:
-            flat = {split: block} if "mean_auroc" in block else block
-        for title, m in flat.items():
-            if not isinstance(m, dict) or not _is_num(m.get("mean_auroc")):
-                continue
-            out[title] = {"mean_auroc": float(m["mean_auroc"])}
-            out[title].update({"mean_auroc_ci": ci} if (ci := _ci(m.get("mean_auroc_ci"))) else {})
-            out[title].update({"n_images": int(m["n_images"])} if _is_num(m.get("n_images")) else {})
+    for g in m.groups():
+        title = m.split if g == ALL else f"{m.split}, {GROUP_NAMES.get(g, g)}"
+        out[title] = {"mean_auroc": m.mean_auroc[g]}
+        out[title].update({"mean_auroc_ci": ci} if (ci := m.ci(g)) else {})
+        out[title].update({"n_images": m.n_test_images[g]} if is_num(m.n_test_images.get(g)) else {})
     return out

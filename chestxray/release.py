@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import safetensors.torch
 
-from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, weights_dir
+from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, own_provenance, weights_dir
+from chestxray.ckpt_config import CkptMeta, ReleaseMetrics, Training
 from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths
 from chestxray.gate import GATE_FILE
 from chestxray.gate_fit import fit_from_folder, format_rows
@@ -90,24 +91,26 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
 
     loc = (held_out_pointing_game(predictor, data_root or train_cfg["data_root"]) if localize
            else {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None})
-    cfg = json.loads((tmp / CONFIG_FILE).read_text())
     groups = metrics.get("by_group", {})
-    cfg["chestxray"]["metrics"] = {
-        "split": "test", "headline_group": headline, "mixed_group": MIXED,
-        "mean_auroc": {g: m["mean_auroc"] for g, m in groups.items()},
-        "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()},
-        "auroc": {k: v["auroc"] for k, v in groups.get(headline, metrics)["labels"].items()},
-        "n_test_images": {g: m["n_images"] for g, m in groups.items()},
-        "pneumonia_auroc": {g: m["labels"].get("Pneumonia", {}).get("auroc") for g, m in groups.items()},
-        "flags_per_normal_film": {g: m.get("flags_per_normal_film") for g, m in groups.items()},
-        "float16_check": half_check,
-        "localization": {k: loc[k] for k in ("hit_rate", "chance", "n_pairs", "n_films", "held_out")},
-    }
-    cfg["chestxray"]["training"]["recipe"] = {k: train_cfg[k] for k in
-                                              ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay",
-                                               "schedule", "augment", "pos_weight_max", "source_caps", "seed",
-                                               "pretrained", "teacher", "kd_weight", "cohort_fracs")
-                                              if k in train_cfg}
+    meta = CkptMeta.read(tmp)
+    meta.metrics = ReleaseMetrics(
+        split="test", headline_group=headline, mixed_group=MIXED,
+        mean_auroc={g: m["mean_auroc"] for g, m in groups.items()},
+        mean_auroc_ci={g: m["mean_auroc_ci"] for g, m in groups.items()},
+        auroc={k: v["auroc"] for k, v in groups.get(headline, metrics)["labels"].items()},
+        n_test_images={g: m["n_images"] for g, m in groups.items()},
+        pneumonia_auroc={g: m["labels"].get("Pneumonia", {}).get("auroc") for g, m in groups.items()},
+        flags_per_normal_film={g: m.get("flags_per_normal_film") for g, m in groups.items()},
+        float16_check=half_check,
+        localization={k: loc[k] for k in ("hit_rate", "chance", "n_pairs", "n_films", "held_out")})
+    meta.training = meta.training or Training()
+    meta.training.recipe = {k: train_cfg[k] for k in
+                            ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay", "schedule",
+                             "augment", "pos_weight_max", "source_caps", "seed", "pretrained", "teacher",
+                             "kd_weight", "cohort_fracs")
+                            if k in train_cfg}
+    # A run saved before the checkpoint writer dropped timm's ImageNet provenance still carries it.
+    cfg = meta.apply(own_provenance(json.loads((tmp / CONFIG_FILE).read_text())))
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
 
     gate_report = None
@@ -152,14 +155,13 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
 def summary_row(folder: Path) -> dict[str, Any]:
     """One row of the README's results table from a shipped folder's config.json."""
     cfg = json.loads((folder / CONFIG_FILE).read_text())
-    m = cfg.get("chestxray", {}).get("metrics", {})
-    t = cfg.get("chestxray", {}).get("training", {})
-    val_sources = t.get("val_sources")
-    return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.get("val_mean_auroc"),
-            "label_set": cfg.get("chestxray", {}).get("label_set"),
-            "val_sources": val_sources if isinstance(val_sources, list) else None,
-            "headline_group": m.get("headline_group", m.get("headline_source")),
-            "mean_auroc": m.get("mean_auroc", {}), "mean_auroc_ci": m.get("mean_auroc_ci", {}),
+    meta = CkptMeta.from_config(cfg)
+    m, t = meta.metrics or ReleaseMetrics(), meta.training or Training()
+    return {"name": folder.name, "arch": cfg["architecture"], "val_mean_auroc": t.val_mean_auroc,
+            "label_set": meta.label_set,
+            "val_sources": t.val_sources if isinstance(t.val_sources, list) else None,
+            "headline_group": m.headline_group,
+            "mean_auroc": m.mean_auroc, "mean_auroc_ci": m.mean_auroc_ci,
             "size_mb": round((folder / WEIGHTS_FILE).stat().st_size / 2**20, 1)}
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chestxray.checkpoint import save_checkpoint
+from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
                             cohort_patient_split, format_label_counts, load_sources, masked_bce_loss,
                             parse_cohort_fracs, pos_weights, read_manifest, split_from_lists)
@@ -317,20 +318,18 @@ class Trainer:
         thresholds = {}
         for k, name in enumerate(self.labels):
             thresholds[name] = round(float(choose_threshold(y[:, k], p[:, k], self.cfg.threshold_rule)), 6)
-        meta = {"training": {"epoch": epoch, "val_mean_auroc": round(val_auc, 4),
-                             "threshold_rule": self.cfg.threshold_rule,
-                             "sources": sorted(self.df["source"].unique().tolist()),
-                             "val_sources": list(self.cfg.val_sources) or "all",
-                             "split": self.cfg.split, "seed": self.cfg.seed,
-                             "n_images": {s: len(d) for s, d in self.sets.items()},
-                             "pretrained": self.cfg.pretrained, "img_size": self.cfg.img_size,
-                             "initialised_from": getattr(self.model, "init_report", "random (from scratch)"),
-                             "taught_by": (f"teacher {' + '.join(_run_name(t) for t in self.cfg.teacher)} "
-                                           f"(soft targets, kd_weight {self.cfg.kd_weight}) and the labels where known"
-                                           if self.cfg.teacher else "the labels")}}
+        training = Training(
+            epoch=epoch, val_mean_auroc=round(val_auc, 4), threshold_rule=self.cfg.threshold_rule,
+            sources=sorted(self.df["source"].unique().tolist()), val_sources=list(self.cfg.val_sources) or "all",
+            split=self.cfg.split, seed=self.cfg.seed, n_images={s: len(d) for s, d in self.sets.items()},
+            pretrained=self.cfg.pretrained, img_size=self.cfg.img_size,
+            initialised_from=getattr(self.model, "init_report", "random (from scratch)"),
+            taught_by=(f"teacher {' + '.join(_run_name(t) for t in self.cfg.teacher)} "
+                       f"(soft targets, kd_weight {self.cfg.kd_weight}) and the labels where known"
+                       if self.cfg.teacher else "the labels"))
         return save_checkpoint(self.model, self.out / "best", arch=self.cfg.arch, labels=self.labels,
                                img_size=self.cfg.img_size, mean=self.mean, std=self.std, thresholds=thresholds,
-                               meta=meta, half=False)
+                               meta=CkptMeta(training=training), half=False)
 
     # -- loop ---------------------------------------------------------------------------------
     def run(self) -> Path:

@@ -11,19 +11,20 @@ import pytest
 from PIL import Image
 from torch import nn
 
+from chestxray.ckpt_config import CkptMeta, ReleaseMetrics, Training
 from tests.badfiles import BAD, CHEST_CR, GOOD, NIH_IMAGE, PRIVACY_MARKERS
 from tests.helpers import make_checkpoint
 
 MODELS = ("tiny_eff", "tiny_res")
-META = {"training": {"val_mean_auroc": 0.6123, "val_mean_auroc_ci": [0.58, 0.64], "sources": ["nih384"],
-                     "n_images": {"train": 10, "val": 5}, "split": "patient", "threshold_rule": "youden",
-                     "pretrained": False},
-        # The block `release` writes: one entry per test group, the balanced NIH films the headline.
-        "metrics": {"split": "test", "headline_group": "reproduce_chexnet", "mixed_group": "nih384",
-                    "mean_auroc": {"kermany": 0.9, "nih384": 0.7, "reproduce_chexnet": 0.6},
-                    "mean_auroc_ci": {"kermany": [0.85, 0.95], "nih384": [0.65, 0.75],
-                                      "reproduce_chexnet": [0.55, 0.65]},
-                    "n_test_images": {"kermany": 30, "nih384": 60, "reproduce_chexnet": 40}}}
+META = CkptMeta(
+    training=Training(val_mean_auroc=0.6123, val_mean_auroc_ci=[0.58, 0.64], sources=["nih384"],
+                      n_images={"train": 10, "val": 5}, split="patient", threshold_rule="youden", pretrained=False),
+    # What `release` writes: one entry per test group, the balanced NIH films the headline.
+    metrics=ReleaseMetrics(split="test", headline_group="reproduce_chexnet", mixed_group="nih384",
+                        mean_auroc={"kermany": 0.9, "nih384": 0.7, "reproduce_chexnet": 0.6},
+                        mean_auroc_ci={"kermany": [0.85, 0.95], "nih384": [0.65, 0.75],
+                                       "reproduce_chexnet": [0.55, 0.65]},
+                        n_test_images={"kermany": 30, "nih384": 60, "reproduce_chexnet": 40}))
 
 
 def _yaml(path: Path, names, default=None, rev: str | None = "a" * 40) -> Path:
@@ -38,7 +39,7 @@ def _yaml(path: Path, names, default=None, rev: str | None = "a" * 40) -> Path:
 def env(tmp_path_factory):
     """Two tiny checkpoints in a tmp weights dir, a models yaml naming them (and one missing), tmp Gradio dirs."""
     root = tmp_path_factory.mktemp("app")
-    make_checkpoint(root / "weights" / "tiny_eff", arch="test_efficientnet", seed=0, **META)
+    make_checkpoint(root / "weights" / "tiny_eff", arch="test_efficientnet", seed=0, meta=META)
     make_checkpoint(root / "weights" / "tiny_res", arch="resnet10t", seed=1)
     mp = pytest.MonkeyPatch()
     mp.setenv("CHESTXRAY_WEIGHTS", str(root / "weights"))
@@ -339,6 +340,18 @@ def test_registry_never_follows_an_unpinned_hub_reference(env, tmp_path, monkeyp
         r.folder("cached_only")
     assert hub.is_pinned("hf-hub:org/x@" + "0" * 40) and not hub.is_pinned("hf-hub:org/x@main")
     assert not hub.is_pinned("hf-hub:org/x") and hub.split_repo("hf-hub:org/x@" + "0" * 40)[1] == "0" * 40
+
+
+def test_card_panel_shows_test_auroc(env):
+    """The panel's text from the block the writer stored: balanced test films first, then the mixed set."""
+    import app
+    from chestxray.registry import ModelRegistry
+
+    text = app.card_markdown(ModelRegistry.from_yaml().card("tiny_eff"))
+    balanced = text.index("Test, NIH, label-balanced films (reproduce_chexnet sample): mean AUROC **0.600** "
+                          "(95% CI 0.550-0.650) on 40 images.")
+    assert balanced < text.index("Test, NIH, all 384-px test films (mixed): mean AUROC **0.700**")
+    assert "Validation mean AUROC: 0.612 (95% CI 0.580-0.640)" in text
 
 
 def test_registry_card_is_defensive(env, tmp_path, monkeypatch):

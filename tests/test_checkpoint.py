@@ -10,6 +10,7 @@ import timm
 import torch
 
 from chestxray.checkpoint import CheckpointError, load_checkpoint, load_folder
+from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.hub import resolve
 from tests.helpers import make_checkpoint
 
@@ -147,8 +148,8 @@ def test_mark_default_compares_balanced_validation_within_one_label_set(tmp_path
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"0" * 1024)
         (folder / "README.md").write_text(f"# {name}\n")
-        (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "chestxray": {
-            "label_set": label_set, "training": {"val_mean_auroc": val, "val_sources": val_sources}}}))
+        meta = CkptMeta(label_set=label_set, training=Training(val_mean_auroc=val, val_sources=val_sources))
+        (folder / "config.json").write_text(json.dumps(meta.apply({"architecture": "resnet18"})))
 
     ship("fair_low", 0.60, ["reproduce_chexnet"])
     ship("fair_best", 0.63, ["reproduce_chexnet"])

@@ -1,0 +1,232 @@
+"""The checkpoint's own block of ``config.json`` (``"chestxray": {...}``): one typed reader and writer.
+
+timm ignores unknown root keys of ``config.json``, so the project keeps its facts there: the label
+set, per-label thresholds, how the weights were trained (:class:`Training`) and what ``release``
+measured on held-out films (:class:`ReleaseMetrics`). Every module reads and writes the block through
+:class:`CkptMeta` instead of indexing dicts.
+
+Reading is tolerant, because shipped and downloaded files come from older versions: a missing or
+mistyped field reads as ``None`` (or empty), older names are mapped to current ones
+(``metrics.headline_source`` -> ``headline_group``; a flat ``mean_auroc`` number -> group
+:data:`ALL`), and fields this version does not know are kept in ``extra`` so that a read-modify-write
+never drops them. Importing it pulls in neither torch nor timm.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from chestxray.layout import CONFIG_FILE
+
+#: The root key of config.json that holds the block.
+KEY = "chestxray"
+#: Group key of a flat (ungrouped) test result in older files: all test films together.
+ALL = "all"
+
+
+def is_num(v: Any) -> bool:
+    """A real number (bool and NaN are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if is_num(v) else None
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if is_num(v) and float(v).is_integer() else None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return dict(v) if isinstance(v, Mapping) else {}
+
+
+def _str_list(v: Any) -> list[str]:
+    return [str(x) for x in v] if isinstance(v, (list, tuple)) else []
+
+
+def ci_pair(v: Any) -> list[float] | None:
+    """A confidence interval ``[low, high]`` of two numbers, else None (e.g. ``[null, null]``)."""
+    ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(is_num(x) for x in v)
+    return [float(x) for x in v] if ok else None
+
+
+def _compact(obj: Any, skip: tuple[str, ...] = ("extra",)) -> dict[str, Any]:
+    """The dataclass's fields as a dict without None and empty containers, then its extras."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if f.name in skip or v is None or (isinstance(v, (dict, list)) and not v):
+            continue
+        out[f.name] = v
+    return {**out, **getattr(obj, "extra", {})}
+
+
+@dataclass
+class Training:
+    """How the weights were made (written by training; ``recipe`` added by ``release``)."""
+
+    epoch: int | None = None
+    val_mean_auroc: float | None = None
+    val_mean_auroc_ci: list[float] | None = None
+    threshold_rule: str | None = None
+    sources: list[str] = field(default_factory=list)
+    #: The validation films that selected the epoch: source/cohort names, or ``"all"``.
+    val_sources: list[str] | str | None = None
+    split: str | None = None
+    seed: int | None = None
+    n_images: dict[str, int] = field(default_factory=dict)
+    pretrained: bool | None = None
+    img_size: int | None = None
+    initialised_from: str | None = None
+    taught_by: str | None = None
+    trained_on: str | None = None
+    #: The training run's hyper-parameters (a subset of ``train_config.json``).
+    recipe: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Training":
+        """Reads the ``training`` dict; anything else reads as an empty record."""
+        d = _dict(d)
+        vs = d.get("val_sources")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(epoch=_int(d.get("epoch")), val_mean_auroc=_num(d.get("val_mean_auroc")),
+                   val_mean_auroc_ci=ci_pair(d.get("val_mean_auroc_ci")),
+                   threshold_rule=_str(d.get("threshold_rule")), sources=_str_list(d.get("sources")),
+                   val_sources=_str_list(vs) if isinstance(vs, (list, tuple)) else _str(vs),
+                   split=_str(d.get("split")), seed=_int(d.get("seed")),
+                   n_images={k: int(v) for k, v in _dict(d.get("n_images")).items() if _int(v) is not None},
+                   pretrained=d["pretrained"] if isinstance(d.get("pretrained"), bool) else None,
+                   img_size=_int(d.get("img_size")), initialised_from=_str(d.get("initialised_from")),
+                   taught_by=_str(d.get("taught_by")), trained_on=_str(d.get("trained_on")),
+                   recipe=_dict(d.get("recipe")), extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (None and empty fields left out)."""
+        return _compact(self)
+
+
+@dataclass
+class ReleaseMetrics:
+    """What ``release`` measured on the held-out test films, per group (source or cohort)."""
+
+    split: str = "test"
+    #: The headline group (NIH's label-balanced films); older files call it ``headline_source``.
+    headline_group: str | None = None
+    #: The group shown beside it (all NIH test films).
+    mixed_group: str | None = None
+    mean_auroc: dict[str, float | None] = field(default_factory=dict)
+    #: ``{group: [low, high]}``; a group without a defined AUROC may hold ``[None, None]``.
+    mean_auroc_ci: dict[str, Any] = field(default_factory=dict)
+    #: Per-label AUROC on the headline group.
+    auroc: dict[str, float | None] = field(default_factory=dict)
+    n_test_images: dict[str, int] = field(default_factory=dict)
+    pneumonia_auroc: dict[str, float | None] = field(default_factory=dict)
+    flags_per_normal_film: dict[str, float | None] = field(default_factory=dict)
+    float16_check: dict[str, Any] = field(default_factory=dict)
+    localization: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, split: str = "test") -> "ReleaseMetrics | None":
+        """Reads a ``metrics`` dict (per-group, or an older flat one); None when it holds no result."""
+        d = _dict(d)
+        if not d:
+            return None
+        mean = d.get("mean_auroc")
+        flat = not isinstance(mean, Mapping)  # older files: one number for all test films
+        group_map = (lambda v: {ALL: v}) if flat else _dict  # noqa: E731
+        n = d.get("n_test_images", d.get("n_images")) if flat else d.get("n_test_images")
+        known = ({f.name for f in fields(cls)} | {"headline_source", "n_images"}) - {"extra"}
+        return cls(split=_str(d.get("split")) or split,
+                   headline_group=_str(d.get("headline_group", d.get("headline_source"))),
+                   mixed_group=_str(d.get("mixed_group")),
+                   mean_auroc={g: _num(v) for g, v in group_map(mean).items()},
+                   mean_auroc_ci=dict(group_map(d.get("mean_auroc_ci"))),
+                   auroc={k: _num(v) for k, v in _dict(d.get("auroc")).items()},
+                   n_test_images={g: int(v) for g, v in group_map(n).items() if _int(v) is not None},
+                   pneumonia_auroc={g: _num(v) for g, v in _dict(d.get("pneumonia_auroc")).items()},
+                   flags_per_normal_film={g: _num(v) for g, v in _dict(d.get("flags_per_normal_film")).items()},
+                   float16_check=_dict(d.get("float16_check")), localization=_dict(d.get("localization")),
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (None and empty fields left out)."""
+        return _compact(self)
+
+    def groups(self) -> list[str]:
+        """Groups with a mean AUROC: the headline group first, the mixed group second, then by name."""
+        first = [self.headline_group, self.mixed_group]
+        return sorted((g for g, v in self.mean_auroc.items() if v is not None),
+                      key=lambda g: (g not in first, first.index(g) if g in first else 0, g))
+
+    def ci(self, group: str) -> list[float] | None:
+        """The group's 95% CI of the mean AUROC, when both ends are numbers."""
+        return ci_pair(self.mean_auroc_ci.get(group))
+
+
+@dataclass
+class CkptMeta:
+    """The whole ``chestxray`` block of a checkpoint's config.json."""
+
+    label_set: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    training: Training | None = None
+    metrics: ReleaseMetrics | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, block: Any) -> "CkptMeta":
+        """Reads the block; a missing or malformed one reads as empty (never raises)."""
+        d = _dict(block)
+        training = Training.from_dict(d["training"]) if isinstance(d.get("training"), Mapping) else None
+        metrics = ReleaseMetrics.from_dict(d.get("metrics"))
+        legacy = [k for k in ("evaluation", "test") if isinstance(d.get(k), Mapping)]
+        if metrics is None and legacy:  # the first toolkit versions' names for the same record
+            metrics = ReleaseMetrics.from_dict(d[legacy[0]], split=legacy[0])
+        else:
+            legacy = []
+        return cls(label_set=_str(d.get("label_set")),
+                   thresholds={str(k): float(v) for k, v in _dict(d.get("thresholds")).items() if is_num(v)},
+                   training=training, metrics=metrics,
+                   extra={k: v for k, v in d.items()
+                          if k not in ("label_set", "thresholds", "training", "metrics", *legacy)})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "CkptMeta":
+        """Reads the block of a parsed config.json."""
+        return cls.from_dict(config.get(KEY) if isinstance(config, Mapping) else None)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "CkptMeta":
+        """Reads the block of ``<folder>/config.json``."""
+        return cls.from_config(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``label_set`` and ``thresholds`` always, the rest where known."""
+        out: dict[str, Any] = {"label_set": self.label_set, "thresholds": dict(self.thresholds)}
+        if self.training is not None:
+            out["training"] = self.training.to_dict()
+        if self.metrics is not None:
+            out["metrics"] = self.metrics.to_dict()
+        return {**out, **self.extra}
+
+    def apply(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Sets this block in a parsed config.json (in place) and returns it."""
+        config[KEY] = self.to_dict()
+        return config
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Replaces the block in ``<folder>/config.json``, keeping timm's fields as they are."""
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(json.dumps(self.apply(json.loads(path.read_text())), indent=2))
+        return path
