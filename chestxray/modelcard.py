@@ -1,16 +1,40 @@
-"""Model cards: the README.md of a checkpoint folder, with Hub metadata (model-index) and honest limits."""
+"""Model cards: the README.md of a checkpoint folder, with Hub metadata (model-index) and honest limits.
+
+The front matter is built with huggingface_hub's ``ModelCardData`` / ``EvalResult`` and the card
+is parsed back by ``ModelCard`` before it is written, so a card that the Hub would refuse is never
+saved.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.labels import GROUP_NAMES, PROXIES
 
 DISCLAIMER = ("Research and education only. Not a medical device; not for diagnosis, triage or any "
               "clinical decision.")
 CHEXNET = "CheXNet (Rajpurkar et al., 2017): 0.841 mean AUROC over 14 findings, DenseNet-121 at 224 px on 98k NIH images"
+TASK = "Multi-label chest X-ray classification"
+TAGS = ["image-classification", "timm", "chest-x-ray", "medical-imaging", "multi-label"]
+
+#: The public collection each training source / test group is a sample of.
+COLLECTION = {"nih384": "nih", "nih64": "nih", "reproduce_chexnet": "nih", "darkcovidnet": "nih",
+              "kermany": "kermany", "covid": "covid", "tbx11k": "tbx11k"}
+#: Per collection: its Hub dataset id (a public copy of the same collection; None where none is named),
+#: a display name, and the terms of its images (from the data's README).
+DATASETS: dict[str, tuple[str | None, str, str]] = {
+    "nih": ("alkzar90/NIH-Chest-X-ray-dataset", "NIH ChestX-ray14",
+            "unrestricted use; cite Wang et al., CVPR 2017, and acknowledge the NIH Clinical Center"),
+    "kermany": ("hf-vision/chest-xray-pneumonia", "Kermany et al. pediatric chest X-rays (Cell 2018)", "CC BY 4.0"),
+    "covid": (None, "COVID-19 image data collection (Cohen et al., 2020)",
+              "a licence per image (its `license` column); many are non-commercial"),
+    "tbx11k": (None, "TBX11K (Liu et al., CVPR 2020)", "CC BY 4.0"),
+}
+RSNA_TERMS = ("RSNA pneumonia-challenge readings of NIH films (Shih et al., 2019), the source of the Lung Opacity "
+              "label: research, non-commercial")
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:
@@ -23,16 +47,68 @@ def _ci(ci: list | None) -> str:
     return f" ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
-def model_index(name: str, metrics: dict[str, Any], dataset: str) -> list[dict]:
-    """Hub ``model-index`` entries: mean AUROC and per-label AUROC on the named evaluation set."""
-    results = [{"type": "roc_auc", "name": "mean AUROC", "value": round(metrics["mean_auroc"], 4)}] \
-        if metrics.get("mean_auroc") is not None else []
-    for label, m in metrics.get("labels", {}).items():
-        if m.get("auroc") is not None:
-            results.append({"type": "roc_auc", "name": f"AUROC {label}", "value": round(m["auroc"], 4)})
-    return [{"name": name, "results": [{"task": {"type": "image-classification", "name": "Multi-label chest X-ray"},
-                                         "dataset": {"type": "nih-chest-xrays", "name": dataset},
-                                         "metrics": results}]}]
+def _collections(groups: list[str]) -> list[str]:
+    """The collections (keys of :data:`DATASETS`, in its order) that ``groups`` sample."""
+    seen = {COLLECTION[g] for g in groups if g in COLLECTION}
+    return [c for c in DATASETS if c in seen]
+
+
+def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str | None = None) -> list[EvalResult]:
+    """Hub eval results on the test split: mean AUROC on the headline and mixed groups, then per-label AUROC on
+    the headline group. Groups whose collection has no Hub dataset id are left out (``model-index`` needs one)."""
+    groups = metrics.get("by_group", {})
+    means, per_label = [], []
+    for g in dict.fromkeys(x for x in (headline_group, mixed_group) if x):
+        m = groups.get(g, metrics if g == headline_group else {})
+        hub_id, title, _ = DATASETS.get(COLLECTION.get(g, ""), (None, "", ""))
+        if hub_id is None or m.get("mean_auroc") is None:
+            continue
+
+        def result(name: str, value: float, hub_id: str = hub_id, title: str = title) -> EvalResult:
+            return EvalResult(task_type="image-classification", task_name=TASK, dataset_type=hub_id,
+                              dataset_name=f"{title}, held-out test patients", dataset_split="test",
+                              metric_type="roc_auc", metric_name=name, metric_value=round(float(value), 4))
+
+        n = f", {m['n_images']} films" if m.get("n_images") else ""
+        means.append(result(f"mean AUROC, {GROUP_NAMES.get(g, g)}{n}", m["mean_auroc"]))
+        if g == headline_group:
+            per_label = [result(f"AUROC {label} ({g})", lm["auroc"]) for label, lm in m.get("labels", {}).items()
+                         if lm.get("auroc") is not None]
+    return means + per_label
+
+
+def card_data(name: str, meta: CkptMeta, metrics: dict[str, Any], headline_group: str,
+              mixed_group: str | None = None) -> ModelCardData:
+    """The card's front matter: licence, training datasets (Hub ids), metric ids and ``model-index``."""
+    sources = (meta.training or Training()).sources or list(metrics.get("sources", []))
+    datasets = [hub for c in _collections(sources) if (hub := DATASETS[c][0])]
+    results = eval_results(metrics, headline_group, mixed_group)
+    return ModelCardData(model_name=name, library_name="timm", license="apache-2.0",
+                         pipeline_tag="image-classification", tags=TAGS, datasets=datasets or None,
+                         metrics=["roc_auc"], eval_results=results or None)
+
+
+def usage_snippet(ref: str) -> str:
+    """Six lines of plain timm (no toolkit code): gray film, the config's resize and mean/std, sigmoid, labels."""
+    return "\n".join([
+        "import timm, torch",
+        "from PIL import Image",
+        f'model = timm.create_model("{ref}", pretrained=True).eval()',
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))  # size, mean/std",
+        'x = transform(Image.open("chest.png").convert("L")).unsqueeze(0)  # gray: the model has one input channel',
+        'probs = dict(zip(model.pretrained_cfg["label_names"], torch.sigmoid(model(x))[0].tolist()))',
+    ])
+
+
+def licence_lines(config: dict[str, Any], meta: CkptMeta, metrics: dict[str, Any]) -> list[str]:
+    """Card lines: the weights' licence and the terms of each training collection's images."""
+    sources = (meta.training or Training()).sources or list(metrics.get("sources", []))
+    terms = [f"- {DATASETS[c][1]}: {DATASETS[c][2]}." for c in _collections(sources)]
+    if "Lung Opacity" in config.get("label_names", []):
+        terms.append(f"- {RSNA_TERMS}.")
+    return ["The weights and code are released under Apache-2.0. The training images are not distributed with "
+            "them; each collection keeps its own terms, which may bind uses of models trained on it (check them "
+            "before any commercial use):", "", *terms]
 
 
 def label_table(metrics: dict[str, Any]) -> str:
@@ -171,14 +247,14 @@ def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False)
 
 def provenance(config: dict[str, Any]) -> list[str]:
     """Card lines: what initialised the model, what taught it, input size and Grad-CAM grid."""
-    train = config.get("chestxray", {}).get("training", {})
+    train = CkptMeta.from_config(config).training or Training()
     size = int(config["pretrained_cfg"]["input_size"][-1])
-    init = train.get("initialised_from") or ("ImageNet" if train.get("pretrained") else "random (from scratch)")
+    init = train.initialised_from or ("ImageNet" if train.pretrained else "random (from scratch)")
     return [f"- Initialised from: {init}.",
-            f"- Taught by: {train.get('taught_by', 'the labels')}.",
+            f"- Taught by: {train.taught_by or 'the labels'}.",
             f"- Input: {size} x {size} px, gray, the whole film resized (no crop); Grad-CAM grid "
             f"{size // 32} x {size // 32} cells (the last feature map, stride 32).",
-            *([f"- Trained on: {train['trained_on']}."] if train.get("trained_on") else [])]
+            *([f"- Trained on: {train.trained_on}."] if train.trained_on else [])]
 
 
 def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
@@ -197,13 +273,10 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         repo_id: Hub repo id, for the usage snippet.
     """
     folder = Path(folder)
-    block = config.get("chestxray", {})
-    train = block.get("training", {})
+    meta = CkptMeta.from_config(config)
+    train = meta.training or Training()
     groups = metrics.get("by_group", {})
     head = groups.get(headline_group, metrics)
-    front = {"library_name": "timm", "license": "apache-2.0", "pipeline_tag": "image-classification",
-             "tags": ["image-classification", "timm", "chest-x-ray", "medical-imaging", "multi-label"],
-             "model-index": model_index(name, head, f"NIH ChestX-ray14 sample, held-out patients ({headline_group})")}
     ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:/path/to/{name}"
     per_source = ["| group | images | mean AUROC (95% CI) | labels with an AUROC | Pneumonia AUROC "
                   "| findings flagged per normal film |", "|---|---|---|---|---|---|"]
@@ -215,12 +288,11 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         per_source.append(f"| {GROUP_NAMES.get(g, g)} | {m['n_images']} | {_fmt(m.get('mean_auroc'))}"
                           f"{_ci(m.get('mean_auroc_ci'))} | {n_def} | "
                           f"{_fmt(m['labels'].get('Pneumonia', {}).get('auroc'))} | {_fmt(flags, 2)} |")
-    n = train.get("n_images", {})
+    n = train.n_images
     mixed = groups.get(mixed_group or "", {})
     size = config["pretrained_cfg"]["input_size"][-1]
-    pretrained = bool(train.get("pretrained")) and "ImageNet" in str(train.get("initialised_from", "ImageNet"))
+    pretrained = bool(train.pretrained) and "ImageNet" in (train.initialised_from or "ImageNet")
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
         f"> **{DISCLAIMER}**", "",
         f"A timm `{config.get('architecture')}` with one sigmoid output per label "
@@ -249,18 +321,18 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
            within_source_table(metrics), "", confounding_statement(metrics), ""]
           if confounded_labels(metrics) else []),
         f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
-        f"{train.get('threshold_rule', 'youden')} rule)", "", label_table(head), "",
+        f"{train.threshold_rule or 'youden'} rule)", "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
         "![Training curves](training_curves.png)", "",
         *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),
                              plot=(folder / "reliability.png").is_file()),
         "## Training data and split", "",
-        f"- Sources: {', '.join(train.get('sources', []))} (see `splits.csv` for every image's split).",
-        f"- Split by patient (seed {train.get('seed')}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
+        f"- Sources: {', '.join(train.sources)} (see `splits.csv` for every image's split).",
+        f"- Split by patient (seed {train.seed}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
         f"{n.get('test', '?')} test images; no patient is in two splits.",
         f"- Epoch and thresholds selected on the validation images of: "
-        f"{', '.join(map(str, train['val_sources'])) if isinstance(train.get('val_sources'), list) else 'all sources'}; "
-        f"best epoch {train.get('epoch')} (validation mean AUROC {train.get('val_mean_auroc')}).",
+        f"{', '.join(train.val_sources) if isinstance(train.val_sources, list) else 'all sources'}; "
+        f"best epoch {train.epoch} (validation mean AUROC {train.val_mean_auroc}).",
         *([partial] if (partial := partial_labels_line(metrics)) else []), "",
         "## Intended use", "",
         "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
@@ -284,19 +356,26 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "in the app), which makes such a label faint.",
         "- Inputs that are not frontal adult chest radiographs (lateral views, CT, photos) give meaningless "
         "outputs; the toolkit's input gate warns about many of them but not all.", "",
-        "## Use", "", "```python", "import timm, torch",
-        f'model = timm.create_model("{ref}", pretrained=True).eval()   # plain timm', "",
-        "from chestxray import Predictor   # this toolkit: decoding, preprocessing, thresholds, Grad-CAM",
+        "## Use", "",
+        "With plain timm, no code from this toolkit: an 8-bit PNG or JPEG film read as gray, resized whole to the "
+        "input size in `config.json` and normalised with its mean/std, then one sigmoid per label:", "",
+        "```python", usage_snippet(ref), "```", "",
+        "`probs` maps each label to its probability; each label's operating threshold is in `config.json` "
+        "(`chestxray.thresholds`). DICOM and 16-bit films need windowing first: this toolkit's reader does it, "
+        "and adds the thresholds, Grad-CAM and the input gate:", "",
+        "```python", "from chestxray import Predictor",
         f'pred = Predictor.load("{ref.replace("local-dir:", "")}")',
-        'probs = pred.predict("chest.png")          # {label: probability}',
-        "```", "",
+        'probs = pred.predict("chest.dcm")   # {label: probability}', "```", "",
     ]
     for title, body in (extra_sections or {}).items():
         lines += [f"## {title}", "", body.strip(), ""]
-    lines += ["## Citation and data", "",
+    lines += ["## Licence", "", *licence_lines(config, meta, metrics), "",
+              "## Citation and data", "",
               "NIH ChestX-ray14: Wang et al., ChestX-ray8, CVPR 2017; images courtesy of the NIH Clinical Center. "
               "Kermany et al., Cell 2018 (CC BY 4.0). COVID-19 image data collection, Cohen et al. 2020 "
               "(per-image licences).", ""]
+    front = card_data(name, meta, metrics, headline_group, mixed_group).to_yaml()
+    card = ModelCard(f"---\n{front}\n---\n\n" + "\n".join(lines))  # parsing it back validates the model-index
     path = folder / "README.md"
-    path.write_text("\n".join(lines))
+    card.save(path)
     return path

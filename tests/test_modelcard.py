@@ -1,15 +1,16 @@
-"""The model card's per-source evidence: AUROC within each source and the confounding statement."""
+"""The model card: per-source evidence, confounding, Hub front matter (model-index) and the plain-timm snippet."""
 from __future__ import annotations
 
 import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from chestxray.data import load_sources
 from chestxray.evaluate import evaluate_manifest
 from chestxray.labels import LUNG_CANCER_PROXY, get_label_set
-from chestxray.modelcard import confounded_labels, within_source_table, write_model_card
+from chestxray.modelcard import confounded_labels, eval_results, within_source_table, write_model_card
 from chestxray.predictor import Predictor
 from tests.helpers import make_checkpoint
 
@@ -80,3 +81,74 @@ def test_no_confounding_section_for_one_hospital(tiny_eval):
     card = write_model_card(folder, name="six-tiny", config=config, metrics=nih_only,
                             headline_group="nih384").read_text()
     assert "within each source" not in card and "Confounded with their source" not in card
+
+
+def test_front_matter_is_a_valid_hub_card(tiny_eval):
+    """ModelCard parses the front matter back: model-index with a Hub dataset id, split and metrics."""
+    from huggingface_hub import ModelCard
+
+    folder, metrics = tiny_eval
+    config = json.loads((folder / "config.json").read_text())
+    path = write_model_card(folder, name="six-tiny", config=config, metrics=metrics, headline_group="nih384",
+                            repo_id="someorg/cxr-tiny")
+    text = path.read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["library_name"] == "timm" and front["metrics"] == ["roc_auc"]
+    assert set(front["datasets"]) == {"alkzar90/NIH-Chest-X-ray-dataset", "hf-vision/chest-xray-pneumonia"}
+    (entry,) = front["model-index"]
+    (result,) = entry["results"]  # one NIH result: the headline (nih384) is also the mixed group here
+    assert entry["name"] == "six-tiny" and result["task"]["type"] == "image-classification"
+    assert result["dataset"]["type"] == "alkzar90/NIH-Chest-X-ray-dataset" and result["dataset"]["split"] == "test"
+    first = result["metrics"][0]
+    assert first["type"] == "roc_auc" and first["name"].startswith("mean AUROC, NIH, all 384-px test films")
+    assert first["value"] == pytest.approx(metrics["by_group"]["nih384"]["mean_auroc"], abs=1e-4)
+    card = ModelCard.load(path)  # huggingface_hub's own parser, eval results included
+    assert card.data.eval_results[0].dataset_split == "test" and card.data.eval_results[0].metric_type == "roc_auc"
+    licence = text.split("## Licence")[1].split("\n## ")[0]
+    assert "CC BY 4.0" in licence and "many are non-commercial" in licence and "NIH Clinical Center" in licence
+    assert "RSNA" in licence  # the six-label set has Lung Opacity, read from RSNA's readings
+
+
+def test_headline_and_mixed_groups_are_both_in_the_model_index(tiny_eval):
+    _, metrics = tiny_eval
+    two = json.loads(json.dumps(metrics))
+    two["by_group"]["reproduce_chexnet"] = dict(two["by_group"]["nih384"], mean_auroc=0.55, n_images=7)
+    results = eval_results(two, "reproduce_chexnet", "nih384")
+    names = [r.metric_name for r in results]
+    assert names[0] == "mean AUROC, NIH, label-balanced films (reproduce_chexnet sample), 7 films"
+    assert names[1].startswith("mean AUROC, NIH, all 384-px test films (mixed)")
+    assert {r.dataset_split for r in results} == {"test"} and results[0].metric_value == 0.55
+    # A headline group with no Hub dataset id (TBX11K) is left out rather than given a made-up id.
+    assert all(r.dataset_type != "tbx11k" for r in eval_results(two, "tbx11k", "nih384"))
+
+
+def test_usage_snippet_runs_with_plain_timm(tiny_eval, tmp_path, monkeypatch, data_dir):
+    """The card's plain-timm snippet, run as written (from an offline HF cache) on a real 1024-px film,
+    gives the Predictor's probabilities."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    from chestxray.checkpoint import FOREIGN_PROVENANCE
+
+    folder, metrics = tiny_eval
+    config = json.loads((folder / "config.json").read_text())
+    assert not set(FOREIGN_PROVENANCE) & set(config["pretrained_cfg"])
+    card = write_model_card(folder, name="six-tiny", config=config, metrics=metrics, headline_group="nih384",
+                            repo_id="someorg/cxr-tiny").read_text()
+    code = card.split("## Use")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) == 6 and "chestxray" not in code
+    snap = tmp_path / "hub" / "models--someorg--cxr-tiny" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, snap / name)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    film = data_dir / "nih/full_res/00000100_000.png"
+    scope: dict = {}
+    exec(code.replace('"chest.png"', repr(str(film))), scope)  # noqa: S102 - the card's own snippet
+    expected = Predictor.load(folder, device="cpu").predict(str(film))
+    assert list(scope["probs"]) == list(expected) == SIX
+    assert scope["probs"] == pytest.approx(expected, abs=2e-3)
