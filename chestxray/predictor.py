@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chestxray.boxes import BOX_THRESHOLD, Box, cam_boxes, draw_boxes
 from chestxray.cam import FAST_METHODS, add_colorbar, all_label_cams, cam_at, method_cam, overlay, scale_map
 from chestxray.checkpoint import Checkpoint, load_checkpoint
 from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
@@ -94,8 +95,21 @@ class Analysis:
         """The label's map at display resolution."""
         return cam_at(self.cams[self.labels.index(label)], self.image.shape)
 
+    def boxes(self, label: str, cam: np.ndarray | None = None, threshold: float = BOX_THRESHOLD) -> list[Box]:
+        """The label's map as boxes in display-image pixels (see :func:`chestxray.boxes.cam_boxes`).
+
+        Args:
+            label: the label.
+            cam: a [0,1] map of this label from another method instead of the stored one.
+            threshold: the cut, relative to the map's maximum.
+        """
+        m = self.cam(label) if cam is None else cam
+        if m.shape != self.image.shape:  # another method's map comes at the model's input size
+            m = cam_at(m, self.image.shape)
+        return cam_boxes(m, threshold)
+
     def overlay(self, label: str, alpha: float = 0.4, scale: str = "minmax", cam: np.ndarray | None = None,
-                colorbar: bool = False) -> np.ndarray:
+                colorbar: bool = False, boxes: bool = False) -> np.ndarray:
         """RGB uint8 overlay of the label's map on the display image: the one rendering path of every map.
 
         Args:
@@ -105,9 +119,12 @@ class Analysis:
                 probability, so a low-probability label is faint); see :data:`chestxray.cam.SCALES`.
             cam: a [0,1] map of this label from another method (e.g. Grad-CAM++) instead of the stored one.
             colorbar: append the colour key on the right (the image gets wider).
+            boxes: outline the map's regions (:meth:`boxes`), drawn from the same map: no model call.
         """
         m = self.cam(label) if cam is None else cam
         rgb = overlay(self.image, scale_map(m, scale, self.prob_dict()[label]), alpha)
+        if boxes:
+            rgb = draw_boxes(rgb, self.boxes(label, m))
         return add_colorbar(rgb) if colorbar else rgb
 
 

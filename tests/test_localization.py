@@ -9,8 +9,9 @@ import pytest
 
 from chestxray.checkpoint import load_folder
 from chestxray.imaging import read_image
+from chestxray.boxes import Box, box_iou, cam_boxes, mask_iou
 from chestxray.localization import _box_mask, load_boxes, pointing_game
-from chestxray.predictor import Predictor, cam_at
+from chestxray.predictor import Analysis, Predictor, cam_at
 from tests.helpers import make_checkpoint
 
 
@@ -53,3 +54,60 @@ def test_pointing_game_on_real_films(tmp_path, data_dir, boxes):
     # Training films are left out on request.
     fewer = pointing_game(pred, boxes, folder, exclude={pair["image"]})
     assert fewer["n_films"] == result["n_films"] - 1
+
+
+def _blobs(shape=(200, 300)) -> np.ndarray:
+    """Two Gaussian blobs: a strong one at (x=70, y=60), a weaker one at (x=220, y=140)."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
+    strong = np.exp(-((xx - 70) ** 2 + (yy - 60) ** 2) / (2 * 15**2))
+    weak = 0.8 * np.exp(-((xx - 220) ** 2 + (yy - 140) ** 2) / (2 * 20**2))
+    return np.maximum(strong, weak)
+
+
+def test_cam_boxes_two_blobs():
+    boxes = cam_boxes(_blobs())
+    assert len(boxes) == 2
+    first, second = boxes  # highest peak first
+    assert first.score == pytest.approx(1.0, abs=1e-3) and second.score == pytest.approx(0.8, abs=1e-3)
+    # At half the maximum a Gaussian of sigma s is cut at radius s * sqrt(2 ln(peak / 0.5)).
+    r1, r2 = 15 * np.sqrt(2 * np.log(2)), 20 * np.sqrt(2 * np.log(0.8 / 0.5))
+    for b, (cx, cy, r) in ((first, (70, 60, r1)), (second, (220, 140, r2))):
+        assert b.x + b.w / 2 == pytest.approx(cx + 0.5, abs=1) and b.y + b.h / 2 == pytest.approx(cy + 0.5, abs=1)
+        assert b.w == pytest.approx(2 * r, abs=2) and b.h == pytest.approx(2 * r, abs=2)
+    # A higher cut keeps the strong blob only (a region of ~0.25% of the film: under the default
+    # minimum area, kept with none); a big minimum area drops both; a flat zero map has none.
+    (only,) = cam_boxes(_blobs(), threshold=0.9, min_area=0)
+    assert only.x < 70 < only.x + only.w and only.y < 60 < only.y + only.h
+    assert cam_boxes(_blobs(), threshold=0.9) == [] and cam_boxes(_blobs(), min_area=0.5) == []
+    assert cam_boxes(np.zeros((10, 10))) == []
+
+
+def test_box_iou_by_hand():
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 10, 10), (5, 5, 10, 10)) == pytest.approx(25 / 175)
+    assert box_iou((0, 0, 10, 10), (2, 2, 4, 4)) == pytest.approx(16 / 100)  # one inside the other
+    assert box_iou((0, 0, 10, 10), (10, 0, 5, 5)) == 0.0  # touching edges share no area
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    # Against the union of two boxes: a 10 x 10 box over one of two disjoint 10 x 10 boxes = 100 / 200.
+    union = np.zeros((50, 50), dtype=bool)
+    union[0:10, 0:10] = union[0:10, 30:40] = True
+    assert mask_iou(Box(0, 0, 10, 10), union) == pytest.approx(0.5)
+    assert mask_iou(Box(5, 0, 10, 10), union) == pytest.approx(50 / 250)
+    assert mask_iou(Box(20, 20, 5, 5), union) == 0.0
+
+
+def test_overlay_draws_box_outlines_only():
+    cams = np.zeros((2, 7, 7), np.float32)
+    cams[0, 1, 5] = 1.0  # one hot cell of the feature map: upper right
+    a = Analysis(["A", "B"], np.array([0.9, 0.1], np.float32), cams, np.full((210, 280), 0.5, np.float32))
+    (box,) = a.boxes("A")
+    assert box.x > 140 and box.y + box.h < 105  # in the film's upper right, in display pixels
+    plain, boxed = a.overlay("A", 0.4), a.overlay("A", 0.4, boxes=True)
+    changed = np.any(plain != boxed, axis=2)
+    assert changed.any() and changed.mean() < 0.05  # outlines, not fills
+    assert changed[box.y, box.x + box.w // 2] and not changed[box.y + box.h // 2, box.x + box.w // 2]
+    # Another method's map (given at any size) is boxed the same way; the colour bar still fits.
+    other = a.overlay("A", 0.4, cam=_blobs((210, 280)), colorbar=True, boxes=True)
+    assert other.shape[0] == 210 and other.shape[1] > 280
+    assert len(a.boxes("A", cam=_blobs((210, 280)))) == 2
