@@ -147,10 +147,15 @@ def cmd_localize(args: argparse.Namespace) -> int:
     if not result["n_pairs"]:
         print(f"no boxed {films} of this model's labels in {result['folder']}")
         return 0
+    def ious(m: dict) -> str:
+        return ", ".join(f"{k} {v:.0%}" for k, v in m["iou_hit_rate"].items())
+
     print(f"map maximum inside the box: {result['hit_rate']:.1%} of {result['n_pairs']} finding boxes on "
           f"{result['n_films']} {films} (a random point: {result['chance']:.1%})")
+    print(f"map boxes (cut at {result['box_threshold']:g} of the maximum): best box reaches IoU {ious(result)} "
+          f"({result['n_pred_boxes']} map boxes, {result['n_gt_boxes']} radiologists' boxes)")
     for label, m in sorted(result["by_label"].items()):
-        print(f"  {label}: {m['hit_rate']:.1%} of {m['n']} (random {m['chance']:.1%})")
+        print(f"  {label}: {m['hit_rate']:.1%} of {m['n']} (random {m['chance']:.1%}); IoU {ious(m)}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "reliability.png, predictions.csv)")
     ev.set_defaults(func=cmd_evaluate)
 
-    lc = command("localize", "pointing game: Grad-CAM maxima vs radiologists' boxes (NIH, RSNA)",
+    lc = command("localize", "pointing game and box IoU: Grad-CAM vs radiologists' boxes (NIH, RSNA)",
                  "chestxray localize --model resnet18 --out pointing.json")
     lc.add_argument("--model", help=model_help)
     lc.add_argument("--data-root", default=default_data_root(), help=data_help)

@@ -5,6 +5,13 @@ Grad-CAM, the app's map), upsampled to the film, and its maximum is a *hit* when
 one of the radiologists' boxes for that finding. A random point hits with probability equal to the
 boxes' share of the film: that share, averaged, is the chance baseline reported beside the hit rate.
 
+Beside the pointing game, the map is turned into boxes (:func:`chestxray.boxes.cam_boxes`: cut at
+half its maximum, one box per connected region) and the best of them is compared with the
+radiologists' region by intersection over union. That region is the union of the finding's boxes on
+the film (RSNA often boxes both lungs): a box covering one of two boxed lungs scores about 0.5, not
+1. A finding counts as found at IoU ``t`` when its best box reaches ``t``; the shares at
+:data:`IOU_THRESHOLDS` are reported beside the hit rate, with the numbers of boxes.
+
 Boxes (1024-px NIH coordinates): ``nih/BBox_List_2017.csv.gz`` (8 findings; "Infiltrate" is NIH's
 Infiltration) and ``nih/rsna_boxes_nih.csv`` (RSNA radiologists' lung-opacity boxes, scored on the
 Pneumonia map).
@@ -19,12 +26,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chestxray.boxes import BOX_MIN_AREA, BOX_THRESHOLD, cam_boxes, mask_iou
 from chestxray.imaging import read_image
 from chestxray.predictor import Predictor, cam_at
 
 NIH_SIDE = 1024  # NIH released every film at 1024 x 1024; both box files use those coordinates
 BOX_LABELS = {"Infiltrate": "Infiltration"}
 RSNA_LABEL = "Pneumonia"
+#: A finding's best map box must reach this IoU with the radiologists' region to count (0.1: roughly
+#: the right place; 0.25 and 0.5: increasingly the right extent).
+IOU_THRESHOLDS = (0.1, 0.25, 0.5)
+
+
+def iou_key(t: float) -> str:
+    """The JSON key of an IoU threshold (``"0.1"``, ``"0.25"``, ``"0.5"``)."""
+    return f"{t:g}"
 
 
 def load_boxes(data_root: str | os.PathLike) -> pd.DataFrame:
@@ -64,8 +80,13 @@ def pointing_game(predictor: Predictor, boxes: pd.DataFrame, images_dir: str | o
         exclude: file names to leave out (the model's training films: only held-out films count).
 
     Returns:
-        ``{"n_pairs", "n_films", "hit_rate", "chance", "by_label": {label: {n, hit_rate, chance}},
-        "by_box_source": {...}, "pairs": [{image, label, hit, chance, prob}]}``.
+        ``{"n_pairs", "n_films", "hit_rate", "chance", "iou_hit_rate": {"0.1", "0.25", "0.5"}, "mean_iou",
+        "n_gt_boxes", "n_pred_boxes", "by_label": {label: {n, hit_rate, chance, iou_hit_rate, mean_iou,
+        n_gt_boxes, n_pred_boxes}}, "by_box_source": {...}, "box_threshold", "box_min_area",
+        "pairs": [{image, label, box_source, hit, chance, prob, iou, n_gt_boxes, n_pred_boxes}]}``.
+        A pair is one boxed finding on one film; ``n_gt_boxes`` counts the radiologists' boxes and
+        ``n_pred_boxes`` the map's boxes; ``iou`` is the best map box's IoU with the union of the
+        radiologists' boxes (0 when the map gives none).
     """
     folder = Path(images_dir)
     present = set(os.listdir(folder))
@@ -77,20 +98,31 @@ def pointing_game(predictor: Predictor, boxes: pd.DataFrame, images_dir: str | o
             cam = cam_at(analysis.cams[predictor.labels.index(label)], analysis.image.shape)
             mask = _box_mask(b, cam.shape)
             y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            found = cam_boxes(cam, BOX_THRESHOLD, BOX_MIN_AREA)
             pairs.append({"image": image, "label": label, "box_source": source, "hit": bool(mask[y, x]),
                           "chance": float(mask.mean()),
-                          "prob": float(analysis.probs[predictor.labels.index(label)])})
-    table = pd.DataFrame(pairs, columns=["image", "label", "box_source", "hit", "chance", "prob"])
-
-    def summary(t: pd.DataFrame) -> dict[str, Any]:
-        return {"n": int(len(t)), "hit_rate": float(t["hit"].mean()) if len(t) else None,
-                "chance": float(t["chance"].mean()) if len(t) else None}
-
+                          "prob": float(analysis.probs[predictor.labels.index(label)]),
+                          "iou": max((mask_iou(f, mask) for f in found), default=0.0),
+                          "n_gt_boxes": int(len(b)), "n_pred_boxes": len(found)})
+    table = pd.DataFrame(pairs, columns=["image", "label", "box_source", "hit", "chance", "prob", "iou",
+                                         "n_gt_boxes", "n_pred_boxes"])
+    overall = _summary(table)
     return {"n_pairs": int(len(table)), "n_films": int(table["image"].nunique()),
-            "hit_rate": summary(table)["hit_rate"], "chance": summary(table)["chance"],
-            "by_label": {k: summary(t) for k, t in table.groupby("label")},
-            "by_box_source": {k: summary(t) for k, t in table.groupby("box_source")},
-            "pairs": pairs}
+            **{k: overall[k] for k in ("hit_rate", "chance", "iou_hit_rate", "mean_iou", "n_gt_boxes",
+                                       "n_pred_boxes")},
+            "by_label": {k: _summary(t) for k, t in table.groupby("label")},
+            "by_box_source": {k: _summary(t) for k, t in table.groupby("box_source")},
+            "box_threshold": BOX_THRESHOLD, "box_min_area": BOX_MIN_AREA, "pairs": pairs}
+
+
+def _summary(t: pd.DataFrame) -> dict[str, Any]:
+    """One group of pairs: its size, pointing-game hit rate and chance, IoU hit rates and box counts."""
+    n = len(t)
+    return {"n": int(n), "hit_rate": float(t["hit"].mean()) if n else None,
+            "chance": float(t["chance"].mean()) if n else None,
+            "iou_hit_rate": {iou_key(v): (float((t["iou"] >= v).mean()) if n else None) for v in IOU_THRESHOLDS},
+            "mean_iou": float(t["iou"].mean()) if n else None,
+            "n_gt_boxes": int(t["n_gt_boxes"].sum()), "n_pred_boxes": int(t["n_pred_boxes"].sum())}
 
 
 def held_out_pointing_game(predictor: Predictor, data_root: str | os.PathLike,
@@ -109,3 +141,44 @@ def held_out_pointing_game(predictor: Predictor, data_root: str | os.PathLike,
     result["held_out"] = splits.is_file()
     result["folder"] = folder
     return result
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What a release stores of a :func:`held_out_pointing_game` result (``config.json``'s
+    ``localization``): the overall numbers and, per finding, n, hit rate, IoU hit rates and box counts
+    (no per-film pairs)."""
+    keys = ("hit_rate", "chance", "n_pairs", "n_films", "held_out", "iou_hit_rate", "mean_iou", "n_gt_boxes",
+            "n_pred_boxes", "box_threshold")
+    out = {k: result[k] for k in keys if k in result}
+    if result.get("by_label"):
+        out["by_label"] = {label: {k: m[k] for k in ("n", "hit_rate", "iou_hit_rate", "n_gt_boxes") if k in m}
+                           for label, m in sorted(result["by_label"].items())}
+    return out
+
+
+def card_section(result: dict[str, Any]) -> str:
+    """The model card's "Where the heatmap points" section: the pointing game, then a compact table of
+    the hit rate and the IoU hit rates per finding with their counts."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    cols = [iou_key(t) for t in IOU_THRESHOLDS]
+    rows = [("**all**", result)] + sorted(result["by_label"].items())
+    table = "\n".join(
+        [f"| finding | boxed findings (boxes) | max in box | {' | '.join(f'IoU >= {c}' for c in cols)} |",
+         "|---|---|---|" + "---|" * len(cols)]
+        + [f"| {name} | {m.get('n', result['n_pairs'])} ({m['n_gt_boxes']}) | {pct(m['hit_rate'])} | "
+           + " | ".join(pct(m["iou_hit_rate"][c]) for c in cols) + " |" for name, m in rows])
+    films = ("boxed NIH films outside this model's training split" if result.get("held_out")
+             else "boxed NIH films (no training split known: training films may be among them)")
+    return (
+        f"On {result['n_films']} {films} (NIH's own boxes and the RSNA radiologists' lung-opacity boxes, the "
+        "latter scored on the Pneumonia map), the maximum of the finding's Grad-CAM falls inside the box for "
+        f"**{result['hit_rate']:.0%}** of {result['n_pairs']} boxed findings; a random point would for "
+        f"{result['chance']:.0%}. Per finding: "
+        + ", ".join(f"{k} {m['hit_rate']:.0%} of {m['n']}" for k, m in sorted(result["by_label"].items()))
+        + f".\n\nThe map cut at {result['box_threshold']:g} of its maximum gives one box per region "
+        f"({result['n_pred_boxes']} in all); a finding counts as found at IoU t when its best box overlaps the "
+        "union of the radiologists' boxes for it on that film by at least t (a box over one of two boxed lungs "
+        "scores about 0.5):\n\n" + table
+        + "\n\n(`python -m chestxray localize --model NAME` reproduces it.)")

@@ -25,8 +25,10 @@ from chestxray.ckpt_config import CkptMeta, ReleaseMetrics, Training
 from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths
 from chestxray.gate import GATE_FILE
 from chestxray.gate_fit import fit_from_folder, format_rows
+from chestxray.localization import card_section as localization_card_section
 from chestxray.localization import held_out_pointing_game
-from chestxray.metrics import mean_auroc
+from chestxray.localization import summary as localization_summary
+from chestxray.metrics import mean_auroc, to_json
 from chestxray.modelcard import write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
@@ -91,6 +93,9 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
 
     loc = (held_out_pointing_game(predictor, data_root or train_cfg["data_root"]) if localize
            else {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None})
+    if loc["n_pairs"]:  # beside the test metrics, without the per-film pairs (`localize --out` has those)
+        metrics["localization"] = {k: v for k, v in loc.items() if k != "pairs"}
+        to_json(metrics, tmp / "metrics.json")
     groups = metrics.get("by_group", {})
     meta = CkptMeta.read(tmp)
     meta.metrics = ReleaseMetrics(
@@ -102,7 +107,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         pneumonia_auroc={g: m["labels"].get("Pneumonia", {}).get("auroc") for g, m in groups.items()},
         flags_per_normal_film={g: m.get("flags_per_normal_film") for g, m in groups.items()},
         float16_check=half_check,
-        localization={k: loc[k] for k in ("hit_rate", "chance", "n_pairs", "n_films", "held_out")})
+        localization=localization_summary(loc))
     meta.training = meta.training or Training()
     meta.training.recipe = {k: train_cfg[k] for k in
                             ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay", "schedule",
@@ -131,13 +136,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
             "used to fit or calibrate it (false alarms on real chest X-rays, catches on real non-chest images):"
             "\n\n```\n" + gate_report + "\n```")
     if loc["n_pairs"]:
-        extra["Where the heatmap points"] = (
-            f"On {loc['n_films']} boxed NIH films outside this model's training split (NIH's own boxes and the "
-            "RSNA radiologists' lung-opacity boxes, the latter scored on the Pneumonia map), the maximum of the "
-            f"finding's Grad-CAM falls inside the box for **{loc['hit_rate']:.0%}** of {loc['n_pairs']} boxed "
-            f"findings; a random point would for {loc['chance']:.0%}. Per finding: "
-            + ", ".join(f"{k} {m['hit_rate']:.0%} of {m['n']}" for k, m in sorted(loc["by_label"].items()))
-            + ". (`python -m chestxray localize --model NAME` reproduces it.)")
+        extra["Where the heatmap points"] = localization_card_section(loc)
     extra["Reproduce"] = (
         "```bash\n"
         + (f"chestxray train --config {train_cfg['recipe']}\n" if train_cfg.get("recipe") else

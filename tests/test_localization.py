@@ -1,6 +1,7 @@
 """The pointing game: Grad-CAM maxima against radiologists' boxes on real NIH films."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from chestxray.checkpoint import load_folder
 from chestxray.imaging import read_image
 from chestxray.boxes import Box, box_iou, cam_boxes, mask_iou
-from chestxray.localization import _box_mask, load_boxes, pointing_game
+from chestxray.localization import _box_mask, card_section, load_boxes, pointing_game, summary
 from chestxray.predictor import Analysis, Predictor, cam_at
 from tests.helpers import make_checkpoint
 
@@ -54,6 +55,56 @@ def test_pointing_game_on_real_films(tmp_path, data_dir, boxes):
     # Training films are left out on request.
     fewer = pointing_game(pred, boxes, folder, exclude={pair["image"]})
     assert fewer["n_films"] == result["n_films"] - 1
+
+
+#: Two real boxed films: one boxed for Pneumonia by NIH and by RSNA (two pairs), one with three RSNA boxes (one pair).
+TWO_FILMS = ("00000506_013.png", "00001836_052.png")
+
+
+@pytest.fixture(scope="module")
+def two_films(tmp_path_factory, data_dir, boxes):
+    """A tiny untrained model's pointing game on :data:`TWO_FILMS`: ``(predictor, their boxes, result)``."""
+    pred = Predictor(load_folder(make_checkpoint(tmp_path_factory.mktemp("loc") / "ck")), device="cpu")
+    mine = boxes[boxes["image"].isin(TWO_FILMS)]
+    return pred, mine, pointing_game(pred, mine, data_dir / "nih/images_384")
+
+
+def test_iou_metrics_on_real_films(two_films, data_dir):
+    pred, mine, result = two_films
+    folder = data_dir / "nih/images_384"
+    assert (result["n_films"], result["n_pairs"], result["n_gt_boxes"]) == (2, 3, len(mine)) == (2, 3, 5)
+    assert result["n_pred_boxes"] == sum(p["n_pred_boxes"] for p in result["pairs"]) >= 3  # a map has a maximum
+    keys = {"n", "hit_rate", "chance", "iou_hit_rate", "mean_iou", "n_gt_boxes", "n_pred_boxes"}
+    assert set(result["by_label"]) == {"Pneumonia"} and set(result["by_label"]["Pneumonia"]) == keys
+    assert {k: v["n"] for k, v in result["by_box_source"].items()} == {"nih": 1, "rsna": 2}
+    assert {k: v["n_gt_boxes"] for k, v in result["by_box_source"].items()} == {"nih": 1, "rsna": 4}
+    rates = [result["iou_hit_rate"][k] for k in ("0.1", "0.25", "0.5")]
+    assert rates == sorted(rates, reverse=True) and all(r in (0, 1 / 3, 2 / 3, 1) for r in rates)
+    assert result["box_threshold"] == 0.5 and result["hit_rate"] is not None  # the pointing game stays
+    # The three-box pair by hand: the best map box against the union of the radiologists' three boxes.
+    (pair,) = [p for p in result["pairs"] if p["image"] == TWO_FILMS[1]]
+    a = pred.analyze(read_image(folder / TWO_FILMS[1]))
+    cam = cam_at(a.cams[pred.labels.index("Pneumonia")], a.image.shape)
+    union = _box_mask(mine[mine["image"] == TWO_FILMS[1]], cam.shape)
+    found = cam_boxes(cam)
+    assert pair["n_gt_boxes"] == 3 and pair["n_pred_boxes"] == len(found)
+    assert pair["iou"] == pytest.approx(max(mask_iou(f, union) for f in found))
+    assert result["mean_iou"] == pytest.approx(np.mean([p["iou"] for p in result["pairs"]]))
+
+
+def test_release_summary_and_card_section(two_films):
+    _, _, result = two_films
+    stored = summary({**result, "held_out": True})
+    assert {"hit_rate", "chance", "n_pairs", "n_films", "held_out"} <= set(stored)  # the keys cards always read
+    assert stored["iou_hit_rate"] == result["iou_hit_rate"] and stored["n_gt_boxes"] == 5
+    assert stored["by_label"]["Pneumonia"]["n"] == 3 and "pairs" not in stored
+    json.dumps(stored, allow_nan=False)  # config.json is strict JSON
+    text = card_section({**result, "held_out": True})
+    assert "outside this model's training split" in text and "Pneumonia" in text
+    header, rule, overall, pneumonia = [line for line in text.splitlines() if line.startswith("|")]
+    assert header.count("IoU >=") == 3 and overall.startswith("| **all** | 3 (5) |")
+    assert pneumonia.startswith("| Pneumonia | 3 (5) |") and overall.count("%") == 4
+    assert "training films may be among them" in card_section({**result, "held_out": False})
 
 
 def _blobs(shape=(200, 300)) -> np.ndarray:
