@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from chestxray.boxes import describe as describe_boxes  # noqa: E402
 from chestxray.cam import FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
 from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
@@ -332,7 +333,7 @@ class Service:
             return f"Model card unavailable: {html.escape(text)}"
 
     def _render(self, state: dict, label: str | None, method: str, alpha: float, scale: str = "minmax",
-                folder: Path | None = None):
+                folder: Path | None = None, boxes: bool = False):
         """The overlay for one label from the stored analysis (no forward pass for the fast methods, and
         none for a scale or opacity change: both only change how the stored map is drawn)."""
         a = unpack(state["analysis"])
@@ -346,9 +347,10 @@ class Service:
                 maps.clear()
                 maps[(label, method)] = self.registry.get(state["model"]).explain(a.image, label, method)
             cam = maps[(label, method)]
-        image = a.overlay(label, alpha, scale=scale, cam=cam, colorbar=True)
+        image = a.overlay(label, alpha, scale=scale, cam=cam, colorbar=True, boxes=bool(boxes))
         path = OUT.png(image, (folder or OUT.new_dir()) / f"overlay_{_file_stem(label)}.png")
-        return path, caption(a, label, method, scale)
+        text = caption(a, label, method, scale)
+        return path, (text + "\n\n" + describe_boxes(a.boxes(label, cam)) if boxes else text)
 
     @staticmethod
     def _gallery(analysis, alpha: float, folder: Path) -> list:
@@ -357,7 +359,7 @@ class Service:
                  f"{k} {probs[k]:.2f}") for k in analysis.positives()[:MAX_GALLERY]]
 
     @user_errors
-    def predict(self, file, model, method="gradcam", alpha=0.4, scale="minmax"):
+    def predict(self, file, model, method="gradcam", alpha=0.4, scale="minmax", boxes=False):
         """Probabilities of every label (one forward pass), the label table, the top label's overlay."""
         name, predictor = self._predictor(model)
         path = _path(file)
@@ -367,7 +369,7 @@ class Service:
         # bounds the memory a session holds, and every model input is far smaller
         state = {"model": name, "analysis": pack(a), "maps": {}}
         top, folder = a.top_label(), OUT.new_dir()
-        image, text = self._render(state, top, method, alpha, scale, folder)
+        image, text = self._render(state, top, method, alpha, scale, folder, boxes)
         warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
         decoded = OUT.png(to_uint8(a.image), folder / "image.png")
         return (a.prob_dict(), label_table(a), image, text, decoded,
@@ -376,11 +378,11 @@ class Service:
                 image_info(xray), self._gallery(a, alpha, folder), state)
 
     @user_errors
-    def explain(self, label, method, alpha, scale, state):
-        """Re-renders the overlay for another label, method, opacity or scale without running the model again."""
+    def explain(self, label, method, alpha, scale, state, boxes=False):
+        """Re-renders the overlay for another label, method, opacity, scale or boxes without running the model."""
         if not state:
             raise _error("Analyze an image first.")
-        return (*self._render(state, label, method, alpha, scale), state)
+        return (*self._render(state, label, method, alpha, scale, boxes=boxes), state)
 
     @user_errors
     def compare(self, file, label=None, alpha=0.4, scale="minmax"):
@@ -509,6 +511,8 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                             alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity (at value 1)")
                             scale_rd = gr.Radio([(v, k) for k, v in SCALE_NAMES.items()], value="minmax",
                                                 label="Heatmap scale", elem_id="heatmap-scale")
+                            boxes_cb = gr.Checkbox(False, label="Show boxes", elem_id="show-boxes",
+                                                   info="Outline the map's strongest regions")
                         overlay_img = gr.Image(label="Heatmap overlay", type="numpy", format="png",
                                                interactive=False, height=400, elem_id="overlay")
                         caption_md = gr.Markdown(label="Heatmap caption", show_label=False)
@@ -542,11 +546,12 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                     with gr.Column(scale=2):
                         batch_table = gr.Dataframe(label="Results", interactive=False, max_height=520)
 
-        run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha, scale_rd],
+        run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha, scale_rd, boxes_cb],
                       [probs, table_md, overlay_img, caption_md, decoded, label_dd, warn_html, info_md, gallery,
                        state], api_name="predict", **model_work)
-        gr.on([label_dd.input, method_dd.input, alpha.release, scale_rd.input], svc.explain,
-              [label_dd, method_dd, alpha, scale_rd, state], [overlay_img, caption_md, state], api_name="explain",
+        gr.on([label_dd.input, method_dd.input, alpha.release, scale_rd.input, boxes_cb.input], svc.explain,
+              [label_dd, method_dd, alpha, scale_rd, state, boxes_cb], [overlay_img, caption_md, state],
+              api_name="explain",
               show_progress="minimal", **model_work)
         cmp_btn.click(svc.compare, [cmp_file, cmp_label, alpha, scale_rd],
                       [cmp_table, cmp_gallery, cmp_label, cmp_notes, cmp_state], api_name="compare", **model_work)

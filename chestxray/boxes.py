@@ -111,3 +111,11 @@ def draw_boxes(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
         draw.rectangle((x0 - line, y0 - line, x1 + line, y1 + line), outline=_DARK, width=3 * line)
         draw.rectangle((x0, y0, x1, y1), outline=_LIGHT, width=line)
     return np.asarray(im)
+
+
+def describe(boxes: list[Box], threshold: float = BOX_THRESHOLD) -> str:
+    """One line for a caption: what the outlined boxes are."""
+    n = len(boxes)
+    return (f"Boxes: {n} region{'s' if n != 1 else ''} where the map reaches {threshold:.0%} of its maximum "
+            "or more (rough areas from a coarse map, not lesion outlines)." if n else
+            "Boxes: none (the map is flat).")

@@ -191,6 +191,15 @@ def test_overlay_changes_run_no_forward(served, data_dir, forwards):
     client.predict("Effusion", "gradcam++", 0.7, api_name="/explain")  # the map is kept: opacity is free
     client.predict("Effusion", "gradcam++", 0.7, "probability", api_name="/explain")  # and so is the scale
     assert forwards["tiny_eff"] == count
+    # Boxes are drawn from the stored map: outlines on the same overlay, no forward either.
+    plain = client.predict(low, "gradcam", 0.4, "minmax", False, api_name="/explain")
+    boxed = client.predict(low, "gradcam", 0.4, "minmax", True, api_name="/explain")
+    client.predict("Effusion", "gradcam++", 0.4, "minmax", True, api_name="/explain")  # the kept map, boxed
+    assert forwards["tiny_eff"] == count
+    a, b = (np.asarray(Image.open(r[0]).convert("RGB")) for r in (plain, boxed))
+    moved = np.any(a != b, axis=2)
+    assert a.shape == b.shape and 0 < moved.mean() < 0.1  # thin outlines, the film still readable
+    assert "Boxes:" in boxed[1] and "Boxes:" not in plain[1]
 
 
 def test_compare(served, data_dir, forwards):
