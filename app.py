@@ -4,7 +4,7 @@ and Grad-CAM maps; compare the installed models; score a batch of files into a C
 UI only: reading, models and maps come from the ``chestxray`` library. Run ``python app.py``
 (``GRADIO_SERVER_NAME=0.0.0.0`` to serve on the network). ``$CHESTXRAY_MODELS`` picks another model list,
 ``$CHESTXRAY_WEIGHTS`` another weights folder. API: ``/predict``, ``/explain``, ``/compare``,
-``/compare_overlay``, ``/batch``, ``/model_card`` (see "Use via API" at the page's foot).
+``/compare_overlay``, ``/batch``, ``/model_card``, ``/window``, ``/report`` (see "Use via API" at the page's foot).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ import csv  # noqa: E402
 import functools  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -67,6 +68,8 @@ from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.predictor import Analysis  # noqa: E402
 from chestxray.registry import NO_MODEL, ModelRegistry  # noqa: E402
+from chestxray.report import technical_fields, write_report  # noqa: E402
+from chestxray.windowing import CUSTOM, PRESETS, STORED, Window, film_for_display  # noqa: E402
 
 log = logging.getLogger("chestxray.app")
 
@@ -301,8 +304,123 @@ def _file_stem(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:60] or "label"
 
 
+# -- viewer (window/level, before/after) and report: drawing from the session's state, never a model --------
+#: Largest |window centre| the window endpoint accepts (stored values: 16-bit, HU and rescaled values fit).
+WINDOW_LIMIT = 1_000_000
+#: The disclaimer as plain text, for the report (the server's upload policy does not belong on a study's page).
+DISCLAIMER_TEXT = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", DISCLAIMER)).split()).replace(
+    " Uploaded files are deleted from the server within an hour.", "")
+
+
+def viewer_state(xray: XrayImage, a: Analysis) -> dict:
+    """What a session keeps for windowing and the report: the film's stored values at display size (None for
+    8-bit files), the window shown (None: the file's own, as the model saw it), the file's technical fields."""
+    return {"film": film_for_display(xray, a.image.shape), "window": None, "window_name": STORED,
+            "info": technical_fields(xray)}
+
+
+def viewed(state: dict) -> Analysis:
+    """The stored analysis with its display image re-windowed as the user chose (the maps are untouched)."""
+    a = unpack(state["analysis"])
+    film, win = state.get("film"), state.get("window")
+    if film is not None and win is not None:
+        a.image = film.render(win)
+    return a
+
+
+def window_text(state: dict) -> str:
+    """The window shown, in words (for the report)."""
+    film, win, name = state.get("film"), state.get("window"), state.get("window_name", STORED)
+    if win is None:
+        stored = film.stored if film is not None else None
+        return STORED + (f" (centre {stored.center:g}, width {stored.width:g})" if stored else " (as decoded)")
+    return f"{name} (centre {win.center:.6g}, width {win.width:.6g}, in the file's stored units)"
+
+
+def _current_cam(state: dict) -> np.ndarray | None:
+    """The map of the view's slow method, kept by ``_render`` (None for the fast methods: stored maps)."""
+    v = state["view"]
+    return None if v["method"] in FAST_METHODS else state.get("maps", {}).get((v["label"], v["method"]))
+
+
+class ViewerReport:
+    """Handlers of the viewer and the report (mixed into :class:`Service`): display only, no forward pass."""
+
+    @user_errors
+    def window(self, preset: str, center: float, width: float, state: dict):
+        """Re-windows the film (a preset, or "Custom" with centre and width in the file's stored units) and
+        redraws the overlay from the stored analysis. The model's input is not affected."""
+        if not state:
+            raise _error("Analyze an image first.")
+        film = state.get("film")
+        if film is None:
+            raise _error("Window/level needs a DICOM or 16-bit image; this file's 8-bit pixels are shown as stored.")
+        if preset == CUSTOM:
+            win = Window(float(center), max(float(width), 1.0))
+        elif preset in PRESETS:
+            win = None if preset == STORED else film.preset(preset)
+        else:
+            raise _error("Unknown window preset: choose one of " + ", ".join((*PRESETS, CUSTOM)) + ".")
+        state["window"], state["window_name"] = win, preset
+        shown = win or film.preset(STORED)
+        v = state.get("view") or {}
+        image, text = self._render(state, v.get("label"), v.get("method", "gradcam"), v.get("alpha", 0.4),
+                                   v.get("scale", "minmax"), boxes=v.get("boxes", False))
+        return preset, shown.center, shown.width, image, text, state
+
+    def window_custom(self, center: float, width: float, state: dict):
+        """The centre/width sliders: a custom window."""
+        return self.window(CUSTOM, center, width, state)
+
+    @staticmethod
+    def window_controls(state: dict):
+        """The window controls for the analysed file: slider ranges from its stored values; off for 8-bit files."""
+        film = (state or {}).get("film")
+        if film is None:
+            off = gr.update(interactive=False)
+            return (gr.update(value=STORED, interactive=False), off, off,
+                    "Window/level applies to DICOM and 16-bit images; this file is 8-bit and is shown as stored.")
+        w = film.preset(STORED)
+        span = (film.high - film.low) or 1.0
+        step = 1.0 if span >= 200 else span / 200
+        return (gr.update(value=STORED, interactive=True),
+                gr.update(minimum=min(film.low, w.center), maximum=max(film.high, w.center), value=w.center,
+                          step=step, interactive=True),
+                gr.update(minimum=1, maximum=max(2 * span, w.width), value=w.width, step=step, interactive=True),
+                f"Display only: the model always sees the file's own window. Stored values {film.low:g} to "
+                f"{film.high:g}" + (" (MONOCHROME1: high values are dark)." if film.invert else "."))
+
+    @staticmethod
+    def before_after(state: dict):
+        """The film and its heatmap (same size, no colour bar) for the before/after slider."""
+        if not state or "view" not in state:
+            return None
+        a, v = viewed(state), state["view"]
+        folder = OUT.new_dir()
+        film = np.repeat(to_uint8(a.image)[..., None], 3, axis=2)
+        heat = a.overlay(v["label"], v["alpha"], scale=v["scale"], cam=_current_cam(state),
+                         boxes=v.get("boxes", False))
+        return OUT.png(film, folder / "film.png"), OUT.png(heat, folder / f"heatmap_{_file_stem(v['label'])}.png")
+
+    @user_errors
+    def report(self, state: dict):
+        """The study as shown now (label, map, scale, window) as a PDF and a JSON file: every probability with
+        its threshold, the model and its card line, the input warnings, the disclaimer. No forward pass; no
+        file name and no DICOM header field other than the technical ones the reader keeps."""
+        if not state or "view" not in state:
+            raise _error("Analyze an image first.")
+        a, v = viewed(state), state["view"]
+        overlay = a.overlay(v["label"], v["alpha"], scale=v["scale"], cam=_current_cam(state), colorbar=True,
+                            boxes=v.get("boxes", False))
+        view = {**v, "method_title": METHOD_TITLES.get(v["method"], v["method"]),
+                "scale_title": SCALE_NAMES[v["scale"]].lower(), "window": window_text(state)}
+        pdf, js = write_report(OUT.new_dir(), a, to_uint8(a.image), overlay, model=self.registry.card(state["model"]),
+                               image=state["info"], view=view, disclaimer=DISCLAIMER_TEXT)
+        return str(pdf), str(js)
+
+
 # -- event handlers ------------------------------------------------------------------------------
-class Service:
+class Service(ViewerReport):
     """The app's handlers over one model registry (every model call goes through the library)."""
 
     def __init__(self, registry: ModelRegistry, load_default: bool = True):
@@ -336,7 +454,7 @@ class Service:
                 folder: Path | None = None, boxes: bool = False):
         """The overlay for one label from the stored analysis (no forward pass for the fast methods, and
         none for a scale or opacity change: both only change how the stored map is drawn)."""
-        a = unpack(state["analysis"])
+        a = viewed(state)  # drawn on the film as currently windowed (display only)
         label = label if label in a.labels else a.top_label()
         method = method if method in METHODS else "gradcam"
         scale = scale if scale in SCALES else "minmax"
@@ -347,6 +465,8 @@ class Service:
                 maps.clear()
                 maps[(label, method)] = self.registry.get(state["model"]).explain(a.image, label, method)
             cam = maps[(label, method)]
+        state["view"] = {"label": label, "method": method, "alpha": float(alpha), "scale": scale,
+                         "boxes": bool(boxes)}
         image = a.overlay(label, alpha, scale=scale, cam=cam, colorbar=True, boxes=bool(boxes))
         path = OUT.png(image, (folder or OUT.new_dir()) / f"overlay_{_file_stem(label)}.png")
         text = caption(a, label, method, scale)
@@ -367,7 +487,7 @@ class Service:
         a = predictor.analyze(xray)  # the XrayImage carries what the gate reads (metadata, colour)
         # the display image (longest side <= 768, uint8) stands in for the film in later explain calls: it
         # bounds the memory a session holds, and every model input is far smaller
-        state = {"model": name, "analysis": pack(a), "maps": {}}
+        state = {"model": name, "analysis": pack(a), "maps": {}, **viewer_state(xray, a)}
         top, folder = a.top_label(), OUT.new_dir()
         image, text = self._render(state, top, method, alpha, scale, folder, boxes)
         warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
@@ -518,6 +638,26 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                         caption_md = gr.Markdown(label="Heatmap caption", show_label=False)
                         gallery = gr.Gallery(label="Labels above their threshold (Grad-CAM, per-label range)",
                                              columns=4, height="auto", format="png", object_fit="contain")
+                with gr.Row(equal_height=False):  # viewer and report (display only: no model runs here)
+                    with gr.Column(scale=2, min_width=280):
+                        with gr.Accordion("Window / level (display only)", open=True):
+                            window_rd = gr.Radio([*PRESETS, CUSTOM], value=STORED, label="Window preset",
+                                                 interactive=False, elem_id="window-preset")
+                            # broad bounds: the server checks API values against them; the page narrows them
+                            # to the analysed file's range (window_controls)
+                            center_sl = gr.Slider(-WINDOW_LIMIT, WINDOW_LIMIT, value=0, label="Window centre "
+                                                  "(stored units)", interactive=False, elem_id="window-center")
+                            width_sl = gr.Slider(1, 2 * WINDOW_LIMIT, value=1, label="Window width (stored units)",
+                                                 interactive=False, elem_id="window-width")
+                            window_md = gr.Markdown("Analyze a DICOM or 16-bit image to window it.",
+                                                    label="Window note", show_label=False)
+                        report_btn = gr.Button("Export report (PDF + JSON)", elem_id="report")
+                        report_pdf = gr.File(label="Report (PDF)", interactive=False, elem_id="report-pdf")
+                        report_json = gr.File(label="Report (JSON)", interactive=False, elem_id="report-json")
+                    with gr.Column(scale=4, min_width=320):
+                        slider_img = gr.ImageSlider(label="Before / after: film | heatmap (drag the handle; "
+                                                    "scroll to zoom, drag to pan)", type="filepath", format="png",
+                                                    interactive=False, max_height=640, elem_id="before-after")
                 state = gr.State(time_to_live=STATE_TTL)
             with gr.Tab("Compare models"):
                 gr.Markdown("Runs every installed model on the same image.")
@@ -559,6 +699,16 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
                         api_name="compare_overlay", show_progress="minimal", **model_work)
         batch_btn.click(svc.batch, [batch_files, model_dd], [batch_csv, batch_table], api_name="batch", **model_work)
         model_dd.change(svc.model_card, [model_dd], [card_md], api_name="model_card", **model_work)
+        # viewer and report: drawing from the stored analysis only, so outside the model's concurrency limit
+        window_out = [window_rd, center_sl, width_sl, overlay_img, caption_md, state]
+        window_rd.input(svc.window, [window_rd, center_sl, width_sl, state], window_out, api_name="window",
+                        show_progress="minimal")
+        gr.on([center_sl.release, width_sl.release], svc.window_custom, [center_sl, width_sl, state], window_out,
+              api_visibility="private", show_progress="minimal")
+        decoded.change(svc.window_controls, [state], [window_rd, center_sl, width_sl, window_md],
+                       api_visibility="private", show_progress="hidden")
+        overlay_img.change(svc.before_after, [state], [slider_img], api_visibility="private", show_progress="hidden")
+        report_btn.click(svc.report, [state], [report_pdf, report_json], api_name="report")
     demo.service = svc  # for tests and benchmarks
     return demo
 

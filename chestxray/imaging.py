@@ -78,6 +78,11 @@ class XrayImage:
         colour_fraction: share of clearly coloured pixels of a colour plain image before it was
             turned gray (chest films stored as RGB: 0.0; photos: 0.4-1.0); None for gray files and
             DICOM. The input gate's colour rule reads it.
+        raw: the stored values before any display window (DICOM: after the modality LUT; 16-bit
+            images: as stored), for re-windowing the display (:mod:`chestxray.windowing`); None for
+            8-bit and colour images, whose decoded pixels are all there is. Never a model input.
+        stored_window: the file's first (WindowCenter, WindowWidth), when it has one.
+        invert: MONOCHROME1 (high stored values are dark).
     """
 
     pixels: np.ndarray = field(repr=False)
@@ -91,6 +96,9 @@ class XrayImage:
     n_frames: int = 1
     notes: list[str] = field(default_factory=list)
     colour_fraction: float | None = None
+    raw: np.ndarray | None = field(default=None, repr=False)
+    stored_window: tuple[float, float] | None = None
+    invert: bool = False
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -214,7 +222,7 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
     _check_pixels(height, width, max_pixels)
     fmt = {"MPO": "jpeg", "DIB": "bmp"}.get(im.format or "", (im.format or "image").lower())
     notes: list[str] = []
-    colour = None
+    colour = raw = None
     try:
         n_frames = int(getattr(im, "n_frames", 1))
         if n_frames > 1:
@@ -231,7 +239,8 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
             pixels, depth = _scale(np.asarray(im.getchannel(0)), 0, 255), 8
             notes.append("alpha channel ignored")
         elif mode.startswith("I") or mode == "F":
-            pixels, depth, note = _scale_wide(np.asarray(im))
+            raw = np.asarray(im)
+            pixels, depth, note = _scale_wide(raw)
             notes += [note] if note else []
         else:  # RGB(A/X), P, PA, CMYK, YCbCr, LAB, HSV: PIL converts to RGB correctly
             kind = {"P": "palette", "PA": "palette", "CMYK": "CMYK"}.get(mode, "RGB")
@@ -246,7 +255,7 @@ def _read_pil(data: bytes, name: str, max_pixels: int) -> XrayImage | None:
     except Exception:
         raise ImageReadError(f"image file is damaged or truncated: {name}") from None
     return XrayImage(pixels, fmt, (height, width), depth, photometric=mode, n_frames=n_frames, notes=notes,
-                     colour_fraction=colour)
+                     colour_fraction=colour, raw=raw)
 
 
 def _scale_wide(arr: np.ndarray) -> tuple[np.ndarray, int, str | None]:
@@ -294,6 +303,7 @@ def _read_dicom(data: bytes, max_pixels: int, *, force: bool) -> XrayImage | Non
     if not supported:
         raise ImageReadError(f"unsupported DICOM compression (transfer syntax {_one_line(syntax.name, 80)})")
     notes = [f"multi-frame DICOM: first of {frames} frames used"] if frames > 1 else []
+    raw, stored_window = None, None
     try:
         arr = _dicom_pixel_array(ds, index=0)
         if photometric == "PALETTE COLOR":
@@ -304,6 +314,7 @@ def _read_dicom(data: bytes, max_pixels: int, *, force: bool) -> XrayImage | Non
             notes.append(f"{photometric or 'color'} image converted to gray")
         else:
             values = apply_modality_lut(arr, ds)
+            raw, stored_window = values.astype(np.float32), _first_window(ds)  # kept for display windowing
             windowed = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
             pixels = _scale(apply_voi_lut(values, ds, index=0))
             notes.append("display window from the file applied" if windowed
@@ -317,7 +328,21 @@ def _read_dicom(data: bytes, max_pixels: int, *, force: bool) -> XrayImage | Non
         raise ImageReadError("DICOM pixel data could not be decoded") from None
     return XrayImage(
         pixels, "dicom", (rows, cols), bits, modality=_code(ds.get("Modality")), view=_code(ds.get("ViewPosition")),
-        body_part=_code(ds.get("BodyPartExamined")), photometric=photometric, n_frames=frames, notes=notes)
+        body_part=_code(ds.get("BodyPartExamined")), photometric=photometric, n_frames=frames, notes=notes,
+        raw=raw, stored_window=stored_window, invert=photometric == "MONOCHROME1")
+
+
+def _first_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The first (WindowCenter, WindowWidth) pair of the file, or None when absent or unusable."""
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        center = float(center[0] if isinstance(center, (list, tuple, pydicom.multival.MultiValue)) else center)
+        width = float(width[0] if isinstance(width, (list, tuple, pydicom.multival.MultiValue)) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center, width) if np.isfinite(center) and np.isfinite(width) and width >= 1 else None
 
 
 def to_uint8(img: XrayImage | np.ndarray) -> np.ndarray:

@@ -86,7 +86,8 @@ def _probs(label_output: dict) -> dict[str, float]:
 def test_api_endpoints(served):
     _, _, client = served
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/predict", "/explain", "/compare", "/compare_overlay", "/batch", "/model_card"} <= set(api)
+    assert {"/predict", "/explain", "/compare", "/compare_overlay", "/batch", "/model_card", "/window",
+            "/report"} <= set(api)
     assert [p["parameter_name"] for p in api["/predict"]["parameters"]][:2] == ["file", "model"]
     assert api["/predict"]["returns"][0]["component"] == "Label"
 
@@ -200,6 +201,60 @@ def test_overlay_changes_run_no_forward(served, data_dir, forwards):
     moved = np.any(a != b, axis=2)
     assert a.shape == b.shape and 0 < moved.mean() < 0.1  # thin outlines, the film still readable
     assert "Boxes:" in boxed[1] and "Boxes:" not in plain[1]
+
+
+def test_window_and_report_run_no_forward(served, data_dir, forwards):
+    """Re-windowing a DICOM and exporting the report draw from the stored analysis: no forward pass."""
+    from gradio_client import handle_file
+
+    from tests.test_report import pdf_text
+
+    _, _, client = served
+    out = client.predict(handle_file(str(data_dir / CHEST_CR)), "tiny_eff", "gradcam", 0.6, api_name="/predict")
+    count = forwards["tiny_eff"]
+    stored = np.asarray(Image.open(out[2]))
+    lung = client.predict("Lung", 0, 1, api_name="/window")
+    custom = client.predict("Custom", 5000, 4000, api_name="/window")
+    back = client.predict("Stored window", 0, 1, api_name="/window")
+    assert lung[0] == "Lung" and custom[0] == "Custom" and back[0] == "Stored window"
+    assert (custom[1], custom[2]) == (5000, 4000) and (back[1], back[2]) == (15000, 30000)  # the file's window
+    images = [np.asarray(Image.open(r[3])) for r in (lung, custom, back)]
+    assert all(im.shape == stored.shape for im in images)
+    assert not np.array_equal(images[0], stored) and not np.array_equal(images[1], images[0])
+    assert np.array_equal(images[2], stored)  # back to the decoded film, exactly
+    client.predict("Lung", 0, 1, api_name="/window")
+    client.predict("Effusion", "gradcam", 0.3, "probability", api_name="/explain")  # label change keeps the window
+    pdf, js = client.predict(api_name="/report")
+    assert forwards["tiny_eff"] == count  # windowing, a label change and the report: no model run
+    raw = Path(pdf).read_bytes()
+    assert raw.startswith(b"%PDF") and b"(Effusion)" in pdf_text(raw) and b"(Cardiomegaly)" in pdf_text(raw)
+    data = json.loads(Path(js).read_text())
+    assert data["model"]["name"] == "tiny_eff" and data["model"]["arch"] == "test_efficientnet"
+    assert "0.600" in data["model"]["summary"]  # the card's headline AUROC
+    assert set(data["probabilities"]) == set(data["thresholds"]) and len(data["probabilities"]) == 15
+    assert max(abs(data["probabilities"][k] - v) for k, v in _probs(out[0]).items()) < 1e-5
+    assert data["view"]["label"] == "Effusion" and data["view"]["scale"] == "probability"
+    assert data["view"]["window"].startswith("Lung") and data["image"]["modality"] == "CR"
+
+
+def test_report_has_no_patient_data_and_8bit_has_no_window(served, data_dir, bad_corpus):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from tests.test_report import marker_strings, pdf_text
+
+    _, _, client = served
+    client.predict(handle_file(str(bad_corpus["privacy.dcm"])), "tiny_res", api_name="/predict")
+    client.predict("Mediastinum", 0, 1, api_name="/window")
+    pdf, js = client.predict(api_name="/report")
+    text, doc = pdf_text(Path(pdf).read_bytes()), Path(js).read_text()
+    assert b"(Atelectasis)" in text and "Atelectasis" in doc
+    for s in marker_strings():
+        assert s.encode() not in text and s not in doc, s
+    assert "privacy" not in doc and b"privacy" not in text  # nor the uploaded file's name
+    client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_res", api_name="/predict")
+    with pytest.raises(AppError, match="DICOM or 16-bit"):
+        client.predict("Lung", 0, 1, api_name="/window")
 
 
 def test_compare(served, data_dir, forwards):

@@ -62,7 +62,7 @@ def test_upload_analyze_screenshot(url, data_dir):
             for name in ("Atelectasis", "Cardiomegaly", "No Finding"):
                 expect(probs.get_by_text(name, exact=True)).to_be_visible(timeout=60_000)
             expect(page.locator("#overlay img")).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("Each map is scaled to its own range")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("per-label range (min-max)").first).to_be_visible(timeout=30_000)
             # switching the heatmap label re-renders the overlay from the stored analysis
             label_box = page.get_by_label("Heatmap for label")
             label_box.click()
@@ -76,3 +76,39 @@ def test_upload_analyze_screenshot(url, data_dir):
         finally:
             browser.close()
     assert SHOT.stat().st_size > 10_000
+
+
+def test_window_before_after_and_report_download(url, data_dir, tmp_path):
+    """A DICOM windowed with a preset, the before/after slider shown, the PDF report downloaded."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.badfiles import CHEST_CR
+
+    shot = SHOT.with_name("viewer_report.png")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.locator("#xray-file input[type=file]").set_input_files(str(data_dir / CHEST_CR))
+            expect(page.locator("#xray-file").get_by_text(Path(CHEST_CR).name)).to_be_visible(timeout=30_000)
+            page.locator("#analyze").click()
+            expect(page.locator("#overlay img")).to_be_visible(timeout=60_000)
+            expect(page.locator("#before-after img").first).to_be_visible(timeout=30_000)
+            before = page.locator("#overlay img").get_attribute("src")
+            lung = page.locator("#window-preset").get_by_label("Lung")
+            expect(lung).to_be_enabled(timeout=30_000)  # the controls are on for a DICOM
+            lung.check()
+            expect(page.locator("#overlay img")).not_to_have_attribute("src", before, timeout=30_000)
+            page.locator("#report").click()
+            link = page.locator("#report-pdf a").first
+            expect(link).to_be_visible(timeout=60_000)
+            with page.expect_download(timeout=30_000) as info:
+                link.click()
+            pdf = tmp_path / "report.pdf"
+            info.value.save_as(pdf)
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert pdf.read_bytes().startswith(b"%PDF")

@@ -15,7 +15,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "boxes", "layout", "ckpt_config",
-           "checkpoint", "hub", "predictor", "gate", "registry", "pretrained"}
+           "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
            "plots", "gate_fit", "distill", "localization", "cli", "train_cli"}
 
