@@ -31,8 +31,9 @@ import numpy as np
 N_BINS = 15
 
 
-def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positive mask, probabilities) on the rows with a known target."""
+def clean_targets(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positive mask, probabilities, keep mask) on the rows with a known (non-NaN) target; every metric
+    here and in :mod:`chestxray.metrics` reads a label's targets through it."""
     y = np.asarray(y, dtype=np.float64).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()
     if y.shape != p.shape:
@@ -40,12 +41,12 @@ def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = ~np.isnan(y)
     if not np.all(np.isfinite(p[keep])):
         raise ValueError("probabilities contain NaN/inf")
-    return y[keep] >= 0.5, p[keep]
+    return y[keep] >= 0.5, p[keep], keep
 
 
 def average_precision(y: np.ndarray, p: np.ndarray) -> float:
     """AUPRC as average precision (see the module docstring); NaN without both classes."""
-    pos, ps = _known(y, p)
+    pos, ps, _ = clean_targets(y, p)
     n_pos = int(pos.sum())
     if n_pos == 0 or n_pos == pos.size:
         return math.nan
@@ -60,7 +61,7 @@ def average_precision(y: np.ndarray, p: np.ndarray) -> float:
 
 def brier_score(y: np.ndarray, p: np.ndarray) -> float:
     """Mean squared error of the probabilities against the 0/1 targets; NaN without known targets."""
-    pos, ps = _known(y, p)
+    pos, ps, _ = clean_targets(y, p)
     return float(np.mean((ps - pos) ** 2)) if ps.size else math.nan
 
 
@@ -70,7 +71,7 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS
 
     Bins without images have count 0 and NaN means.
     """
-    pos, ps = _known(y, p)
+    pos, ps, _ = clean_targets(y, p)
     idx = np.clip((ps * n_bins).astype(int), 0, n_bins - 1)  # p = 1 goes to the last bin
     count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

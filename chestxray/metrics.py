@@ -19,22 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from chestxray.calibration import N_BINS, average_precision, brier_score, expected_calibration_error
+from chestxray.calibration import N_BINS, average_precision, brier_score, clean_targets, expected_calibration_error
 
 #: Bootstrap replicates are processed in chunks of about this many (replicate x image) cells.
 _CHUNK_CELLS = 2_000_000
 
 
-def _clean(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (pos mask, scores, keep mask) for one label, dropping NaN targets."""
-    y = np.asarray(y, dtype=np.float64).ravel()
-    p = np.asarray(p, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"targets {y.shape} and probabilities {p.shape} differ in shape")
-    keep = ~np.isnan(y)
-    if not np.all(np.isfinite(p[keep])):
-        raise ValueError("probabilities contain NaN/inf")
-    return y[keep] >= 0.5, p[keep], keep
+_clean = clean_targets  # (pos mask, scores, keep mask) for one label, NaN targets dropped
 
 
 def _rank_setup(pos: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
