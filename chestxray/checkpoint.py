@@ -34,11 +34,15 @@ FOREIGN_PROVENANCE = ("origin_url", "paper_ids", "paper_name", "notes", "hf_hub_
 
 
 def list_shipped() -> list[str]:
-    """Names of the shipped checkpoints: sub-folders of :func:`weights_dir` with weights and config."""
+    """Names of the shipped checkpoints: sub-folders of :func:`weights_dir` with weights and config.
+
+    ``<name>.tmp`` is a release still being written (it is renamed when complete): never listed.
+    """
     root = weights_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if p.suffix != ".tmp" and (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
 
 
 @dataclass

@@ -161,3 +161,14 @@ def test_mark_default_compares_balanced_validation_within_one_label_set(tmp_path
     assert models.read_text().startswith("default: fair_best\n")
     card = (tmp_path / "weights/fair_best/README.md").read_text()
     assert "## The app's default model" in card and "fair_low 0.600" in card and "six_labels" not in card
+
+
+def test_a_release_in_progress_is_not_listed(tmp_path, monkeypatch):
+    from chestxray.checkpoint import list_shipped
+
+    for name in ("done", "half_written.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(b"0")
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(tmp_path))
+    assert list_shipped() == ["done"]
