@@ -16,7 +16,8 @@ def test_shipped_blocks_read_and_round_trip(name):
     folder = weights_dir() / name
     raw = json.loads((folder / "config.json").read_text())[KEY]
     meta = CkptMeta.read(folder)
-    assert meta.label_set == "nih14" and len(meta.thresholds) == 15
+    config = json.loads((folder / "config.json").read_text())
+    assert meta.label_set in ("nih14", "six") and list(meta.thresholds) == config["label_names"]
     assert meta.training is not None and meta.training.val_mean_auroc is not None and meta.training.sources
     m = meta.metrics
     assert m is not None and m.split == "test" and m.headline_group in m.mean_auroc
