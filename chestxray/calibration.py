@@ -88,3 +88,85 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BIN
         return math.nan
     full = count > 0
     return float(np.sum(count[full] / n * np.abs(frac[full] - mean_p[full])))
+
+
+# -- temperature scaling ---------------------------------------------------------------------------
+#: Range of a fitted temperature. Few validation positives can make a label separable, where the
+#: likelihood keeps improving as T -> 0 (hard 0/1 outputs): the bound stops that.
+T_BOUNDS = (0.05, 20.0)
+#: A label's temperature is fitted only with at least this many validation positives and negatives
+#: (fewer: it keeps T = 1, i.e. is left as it was).
+MIN_EACH_CLASS = 3
+
+
+def logit(p: np.ndarray | float, eps: float = 1e-12) -> np.ndarray:
+    """log(p / (1 - p)) in float64, with p clipped to [eps, 1 - eps]."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    """1 / (1 + exp(-z)) in float64, without overflow."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def nll(y: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean binary cross-entropy (negative log-likelihood) of ``sigmoid(logits / temperature)`` on the known
+    targets; NaN without known targets."""
+    pos, z, _ = clean_targets(y, logits)
+    if not z.size:
+        return math.nan
+    z = z / temperature
+    return float(np.mean(np.logaddexp(0.0, z) - pos * z))
+
+
+def fit_temperature(y: np.ndarray, logits: np.ndarray, bounds: tuple[float, float] = T_BOUNDS,
+                    min_each: int = MIN_EACH_CLASS) -> float | None:
+    """The temperature ``T`` that minimises :func:`nll` of one label's ``sigmoid(logit / T)``.
+
+    One positive scalar per label: dividing a logit by ``T`` keeps the order of the films (AUROC and the
+    films flagged at a mapped threshold are unchanged) and only stretches (``T < 1``) or flattens
+    (``T > 1``) the probabilities. Returns None when the label has fewer than ``min_each`` known
+    positives or negatives (too few to fit one number honestly).
+    """
+    from scipy.optimize import minimize_scalar  # scipy comes with scikit-learn
+
+    pos, z, _ = clean_targets(y, logits)
+    if pos.sum() < min_each or (~pos).sum() < min_each:
+        return None
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+
+    def loss(log_t: float) -> float:
+        zt = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, zt) - pos * zt))
+
+    res = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+    t = float(np.exp(res.x))
+    return t if loss(res.x) <= loss(0.0) else 1.0  # never worse than leaving the label alone
+
+
+def fit_temperatures(Y: np.ndarray, logits: np.ndarray, labels: list[str], **kw) -> dict[str, float]:
+    """:func:`fit_temperature` per label (columns of the N x K arrays); labels that cannot be fitted are left out."""
+    out = {}
+    for k, name in enumerate(labels):
+        t = fit_temperature(Y[:, k], logits[:, k], **kw)
+        if t is not None:
+            out[name] = t
+    return out
+
+
+def apply_temperatures(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """``sigmoid(logits / T)`` per label column (``temperatures``: length K, 1.0 = unchanged)."""
+    return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64))
+
+
+def map_threshold(threshold: float, temperature: float) -> float:
+    """The operating threshold on the calibrated scale: ``sigmoid(logit(t) / T)``.
+
+    ``sigmoid(z / T) >= sigmoid(logit(t) / T)`` exactly when ``sigmoid(z) >= t``: the same films are
+    flagged before and after calibration.
+    """
+    if temperature == 1.0 or not 0.0 < threshold < 1.0:
+        return float(threshold)
+    return float(sigmoid(logit(threshold) / temperature))

@@ -175,6 +175,42 @@ class ReleaseMetrics:
 
 
 @dataclass
+class Calibration:
+    """Per-label temperature scaling fitted on validation films (``release`` / ``recard`` write it).
+
+    The predictor reports ``sigmoid(logit / T)`` for a label with a temperature ``T`` and compares it with
+    the threshold mapped the same way (:func:`chestxray.calibration.map_threshold`), so the same films
+    are flagged. ``CkptMeta.thresholds`` stay on the raw ``sigmoid(logit)`` scale, which is what plain
+    timm gives.
+    """
+
+    method: str = "temperature"
+    temperatures: dict[str, float] = field(default_factory=dict)
+    #: Which films the temperatures were fitted on (e.g. "validation split, reproduce_chexnet").
+    fitted_on: str | None = None
+    n_films: int | None = None
+    #: ``{label: [NLL before, NLL after]}`` on those validation films.
+    val_nll: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Calibration | None":
+        """Reads the ``calibration`` dict; None without a usable temperature."""
+        d = _dict(d)
+        temps = {str(k): float(v) for k, v in _dict(d.get("temperatures")).items() if is_num(v) and v > 0}
+        if not temps or (_str(d.get("method")) or "temperature") != "temperature":
+            return None
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(method="temperature", temperatures=temps, fitted_on=_str(d.get("fitted_on")),
+                   n_films=_int(d.get("n_films")), val_nll=_dict(d.get("val_nll")),
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (None and empty fields left out)."""
+        return _compact(self)
+
+
+@dataclass
 class CkptMeta:
     """The whole ``chestxray`` block of a checkpoint's config.json."""
 
@@ -182,6 +218,7 @@ class CkptMeta:
     thresholds: dict[str, float] = field(default_factory=dict)
     training: Training | None = None
     metrics: ReleaseMetrics | None = None
+    calibration: Calibration | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -197,9 +234,9 @@ class CkptMeta:
             legacy = []
         return cls(label_set=_str(d.get("label_set")),
                    thresholds={str(k): float(v) for k, v in _dict(d.get("thresholds")).items() if is_num(v)},
-                   training=training, metrics=metrics,
+                   training=training, metrics=metrics, calibration=Calibration.from_dict(d.get("calibration")),
                    extra={k: v for k, v in d.items()
-                          if k not in ("label_set", "thresholds", "training", "metrics", *legacy)})
+                          if k not in ("label_set", "thresholds", "training", "metrics", "calibration", *legacy)})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "CkptMeta":
@@ -218,7 +255,22 @@ class CkptMeta:
             out["training"] = self.training.to_dict()
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_dict()
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
         return {**out, **self.extra}
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """``{label: T}`` of the labels with a fitted temperature (empty: probabilities are not recalibrated)."""
+        return dict(self.calibration.temperatures) if self.calibration else {}
+
+    def calibrated_thresholds(self) -> dict[str, float]:
+        """The operating thresholds on the scale of the probabilities the predictor reports: each one
+        mapped by its label's temperature (:func:`chestxray.calibration.map_threshold`); unchanged without."""
+        from chestxray.calibration import map_threshold
+
+        temps = self.temperatures
+        return {k: map_threshold(t, temps.get(k, 1.0)) for k, t in self.thresholds.items()}
 
     def apply(self, config: dict[str, Any]) -> dict[str, Any]:
         """Sets this block in a parsed config.json (in place) and returns it."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from chestxray.boxes import BOX_THRESHOLD, Box, cam_boxes, draw_boxes
+from chestxray.calibration import map_threshold
 from chestxray.cam import FAST_METHODS, add_colorbar, all_label_cams, cam_at, method_cam, overlay, scale_map
 from chestxray.checkpoint import Checkpoint, load_checkpoint
 from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
@@ -73,6 +74,7 @@ class Analysis:
     embedding: np.ndarray | None = None  # C, globally pooled final features (for the input gate)
     warnings: list[str] = field(default_factory=list)  # e.g. "does not look like a frontal chest X-ray"
     gate: GateResult | None = None  # the input gate's verdict (chestxray.gate); None when not assessed
+    calibrated: bool = False  # probabilities temperature-scaled by the checkpoint's config (thresholds mapped)
 
     def prob_dict(self) -> dict[str, float]:
         """{label: probability}, in the checkpoint's label order."""
@@ -136,7 +138,13 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = checkpoint.model.to(self.device).eval()
         self.labels = list(checkpoint.labels)
-        self.thresholds = {k: checkpoint.thresholds.get(k, 0.5) for k in self.labels}
+        #: Per-label temperatures from the config (chestxray.calibration); empty: raw sigmoid(logit).
+        self.temperatures = {k: t for k, t in checkpoint.meta.temperatures.items() if k in self.labels}
+        # Thresholds on the scale of the probabilities reported: mapped by T, so the same films are flagged.
+        self.thresholds = {k: map_threshold(checkpoint.thresholds.get(k, 0.5), self.temperatures.get(k, 1.0))
+                           for k in self.labels}
+        self._temp = (torch.tensor([self.temperatures.get(k, 1.0) for k in self.labels], device=self.device)
+                      if self.temperatures else None)
         self.preprocess = checkpoint.preprocess
         self._weight, _ = classifier_weight(self.model)
         self._cam_lock = threading.Lock()  # pytorch-grad-cam hooks are per-model, not thread-safe
@@ -168,6 +176,15 @@ class Predictor:
         return self.ckpt.name
 
     @property
+    def calibrated(self) -> bool:
+        """Whether probabilities are temperature-scaled (the config holds temperatures)."""
+        return self._temp is not None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(logits / T)`` per label with the config's temperatures; plain ``sigmoid`` without."""
+        return torch.sigmoid(logits if self._temp is None else logits / self._temp.to(logits.device))
+
+    @property
     def arch(self) -> str:
         """timm architecture name."""
         return self.ckpt.arch
@@ -190,9 +207,15 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: list) -> np.ndarray:
-        """Probabilities (N x K) for several images at once."""
+        """Probabilities (N x K) for several images at once (temperature-scaled when the config says so)."""
         x = torch.cat([self._input(as_pixels(im)) for im in images])
-        return torch.sigmoid(self.model(x)).float().cpu().numpy()
+        return self.probabilities(self.model(x)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_logits(self, images: list) -> np.ndarray:
+        """Raw logits (N x K, float32) for several images: before any temperature."""
+        x = torch.cat([self._input(as_pixels(im)) for im in images])
+        return self.model(x).float().cpu().numpy()
 
     def predict(self, image) -> dict[str, float]:
         """{label: probability} for one image (sigmoid of each label's logit)."""
@@ -220,13 +243,13 @@ class Predictor:
         xray = read if read is not None else xray
         pixels = as_pixels(read if read is not None else image)
         feats, logits = features_and_logits(self.model, self._input(pixels), self.arch)
-        probs = torch.sigmoid(logits)[0].float().cpu().numpy()
+        probs = self.probabilities(logits)[0].float().cpu().numpy()
         cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
         embedding = feats.float().mean(dim=(2, 3))[0].cpu().numpy()
         verdict = (self.gate.assess(xray, pixels, embedding) if self.gate is not None
                    else assess_without_gate(xray, pixels))
         return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding,
-                        warnings=list(verdict.reasons), gate=verdict)
+                        warnings=list(verdict.reasons), gate=verdict, calibrated=self.calibrated)
 
     def explain(self, image, label: str, method: str = "gradcam") -> np.ndarray:
         """The map of one label's logit by ``method``, at the model's input resolution (H x W, [0,1])."""
