@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
-from chestxray.calibration import N_BINS
+from chestxray.calibration import N_BINS, brier_score, expected_calibration_error
 from chestxray.imaging import ImageReadError, read_image
 from chestxray.metrics import evaluate_predictions, flags_on_normal_films, to_json
 from chestxray.plots import plot_confusion_matrices, plot_reliability, plot_roc_curves
@@ -33,8 +34,9 @@ BALANCED_COHORT = "reproduce_chexnet"
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 16,
-                  progress: bool = True) -> tuple[np.ndarray, dict[str, str]]:
-    """Probabilities for many files (NaN rows for unreadable ones) and {path: one-line error}."""
+                  progress: bool = True, logits: bool = False) -> tuple[np.ndarray, dict[str, str]]:
+    """Probabilities (or, with ``logits``, the raw logits) for many files (NaN rows for unreadable ones) and
+    {path: one-line error}."""
     probs = np.full((len(paths), len(predictor.labels)), np.nan, dtype=np.float32)
     errors: dict[str, str] = {}
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
@@ -47,7 +49,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 
             except ImageReadError as err:
                 errors[str(paths[i])] = str(err)
         if chunk:
-            probs[idx] = predictor.predict_batch(chunk)
+            probs[idx] = predictor.predict_logits(chunk) if logits else predictor.predict_batch(chunk)
         bar.update(min(batch_size, len(paths) - start))
     bar.close()
     return probs, errors
@@ -80,7 +82,9 @@ def source_sites(df: pd.DataFrame) -> dict[str, str]:
 
 def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.PathLike, *, n_boot: int = 1000,
                       seed: int = 0, progress: bool = True, title: str | None = None,
-                      probs: np.ndarray | None = None, plot_group: str | None = None) -> dict[str, Any]:
+                      probs: np.ndarray | None = None, plot_group: str | None = None,
+                      logits: np.ndarray | None = None,
+                      localization: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluates a manifest (see :mod:`chestxray.data`) and writes metrics.json, plots and predictions.
 
     Labels of the model that the manifest lacks are reported as undefined (no known targets).
@@ -88,6 +92,12 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     Args:
         probs: this predictor's probabilities for ``df``'s rows, when already computed
             (:func:`predict_paths`; NaN rows = unreadable).
+        logits: the raw logits for ``df``'s rows instead (``predict_paths(..., logits=True)``): the
+            probabilities are the predictor's (temperature-scaled when its config has temperatures), and a
+            calibrated predictor's metrics get ``temperature_scaling``: Brier and ECE before and after, per group.
+            Without ``probs`` or ``logits`` the logits are computed here.
+        localization: a :func:`chestxray.localization.held_out_pointing_game` result, stored (without its
+            per-film pairs) as ``localization``.
         plot_group: draw the ROC, confusion and reliability plots on this group's images only (e.g. the
             headline cohort), when it is present.
     """
@@ -97,8 +107,13 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     for k in labels:
         if k not in df.columns:
             df = df.assign(**{k: np.nan})
+    raw = None
+    if probs is None and logits is None:
+        logits, errors = predict_paths(predictor, list(df["path"]), progress=progress, logits=True)
     if probs is None:
-        probs, errors = predict_paths(predictor, list(df["path"]), progress=progress)
+        probs = predictor.probabilities(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
+        raw = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
+        errors = {p: "unreadable" for p, bad in zip(df["path"], np.isnan(probs).any(axis=1)) if bad}
     else:
         errors = {p: "unreadable" for p, bad in zip(df["path"], np.isnan(probs).any(axis=1)) if bad}
     ok = ~np.isnan(probs).any(axis=1)
@@ -121,6 +136,11 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     for name, rows in parts.items():
         metrics["by_group"][name]["flags_per_normal_film"] = flags_on_normal_films(Y[rows], P[rows], labels,
                                                                                    predictor.thresholds)
+    if predictor.calibrated and raw is not None:
+        metrics["temperature_scaling"] = temperature_comparison(Y, raw[ok].astype(np.float64), P, labels, parts,
+                                                                predictor.temperatures)
+    if localization and localization.get("n_pairs"):
+        metrics["localization"] = {k: v for k, v in localization.items() if k != "pairs"}
     metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
                    unreadable=dict(list(errors.items())[:20]),
                    sources=sorted(df["source"].unique().tolist()), sites=source_sites(df))
@@ -139,9 +159,43 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     return metrics
 
 
+def _calibration_numbers(Y: np.ndarray, P: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    ece = {k: expected_calibration_error(Y[:, i], P[:, i]) for i, k in enumerate(labels)}
+    brier = {k: brier_score(Y[:, i], P[:, i]) for i, k in enumerate(labels)}
+
+    def mean(d: dict[str, float]) -> float | None:
+        vals = [v for v in d.values() if v == v]
+        return float(np.mean(vals)) if vals else None
+
+    return {"mean_ece": mean(ece), "pooled_ece": expected_calibration_error(Y.ravel(), P.ravel()),
+            "mean_brier": mean(brier), "pooled_brier": brier_score(Y.ravel(), P.ravel()),
+            "ece": ece, "brier": brier}
+
+
+def temperature_comparison(Y: np.ndarray, raw: np.ndarray, P: np.ndarray, labels: list[str],
+                           parts: dict[str, np.ndarray], temperatures: dict[str, float]) -> dict[str, Any]:
+    """ECE and Brier score before (``sigmoid(logit)``) and after (``sigmoid(logit / T)``) temperature scaling,
+    on all films and per group: ``{"temperatures", "all": {"before", "after"}, "by_group": {g: {...}}}``,
+    each side holding mean/pooled ECE and Brier and the per-label values (NaN where undefined)."""
+    def both(rows: np.ndarray | slice) -> dict[str, Any]:
+        return {"n_images": int(Y[rows].shape[0]), "before": _calibration_numbers(Y[rows], raw[rows], labels),
+                "after": _calibration_numbers(Y[rows], P[rows], labels)}
+
+    return {"method": "temperature", "temperatures": dict(temperatures), "all": both(slice(None)),
+            "by_group": {g: both(rows) for g, rows in parts.items()}}
+
+
+def has_boxes(data_root: str | os.PathLike) -> bool:
+    """Whether ``data_root`` holds the NIH and RSNA box files and NIH's 384-px films (what localization reads)."""
+    from chestxray.localization import BOX_FILES
+
+    root = Path(data_root)
+    return all((root / f).is_file() for f in BOX_FILES) and (root / "nih" / "images_384").is_dir()
+
+
 def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None = None, images: str | None = None,
              sources: Sequence[str] = (), data_root: str = "../shared/data", split: str | None = None,
-             n_boot: int = 1000, progress: bool = True) -> dict[str, Any]:
+             n_boot: int = 1000, progress: bool = True, localize: bool = True) -> dict[str, Any]:
     """The ``evaluate`` command: a label CSV + image folder, or shared-data sources by name.
 
     Args:
@@ -150,6 +204,8 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
         labels_csv, images: a label file (NIH layout or one 0/1/blank column per label) and its folder.
         sources: shared-data source names (see :data:`chestxray.data.SOURCES`) instead.
         split: keep only the images the checkpoint's ``splits.csv`` puts in this split (e.g. "test").
+        localize: also play the pointing game on the boxed NIH films of ``data_root`` outside the model's
+            training split (:func:`chestxray.localization.held_out_pointing_game`), when the box files are there.
     """
     from chestxray.data import load_sources, read_manifest
 
@@ -168,4 +224,10 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
         df = select_split(df, splits, split)
     if df.empty:
         raise ValueError("no labelled images found")
-    return evaluate_manifest(predictor, df.reset_index(drop=True), out_dir, n_boot=n_boot, progress=progress)
+    loc = None
+    if localize and has_boxes(data_root):
+        from chestxray.localization import held_out_pointing_game
+
+        loc = held_out_pointing_game(predictor, data_root)
+    return evaluate_manifest(predictor, df.reset_index(drop=True), out_dir, n_boot=n_boot, progress=progress,
+                             localization=loc)

@@ -33,6 +33,8 @@ from chestxray.predictor import Predictor, cam_at
 NIH_SIDE = 1024  # NIH released every film at 1024 x 1024; both box files use those coordinates
 BOX_LABELS = {"Infiltrate": "Infiltration"}
 RSNA_LABEL = "Pneumonia"
+#: The box files under the data root.
+BOX_FILES = ("nih/BBox_List_2017.csv.gz", "nih/rsna_boxes_nih.csv")
 #: A finding's best map box must reach this IoU with the radiologists' region to count (0.1: roughly
 #: the right place; 0.25 and 0.5: increasingly the right extent).
 IOU_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -45,12 +47,11 @@ def iou_key(t: float) -> str:
 
 def load_boxes(data_root: str | os.PathLike) -> pd.DataFrame:
     """All boxes: columns image, label, x, y, w, h (1024-px coordinates), box_source."""
-    root = Path(data_root) / "nih"
-    nih = pd.read_csv(root / "BBox_List_2017.csv.gz").iloc[:, :6]
+    nih = pd.read_csv(Path(data_root) / BOX_FILES[0]).iloc[:, :6]
     nih.columns = ["image", "label", "x", "y", "w", "h"]
     nih["label"] = nih["label"].replace(BOX_LABELS)
     nih["box_source"] = "nih"
-    rsna = pd.read_csv(root / "rsna_boxes_nih.csv")
+    rsna = pd.read_csv(Path(data_root) / BOX_FILES[1])
     rsna = rsna[rsna["Target"] == 1]
     rsna = pd.DataFrame({"image": rsna["nih_image"], "label": RSNA_LABEL, "x": rsna["x"], "y": rsna["y"],
                          "w": rsna["width"], "h": rsna["height"], "box_source": "rsna"})
