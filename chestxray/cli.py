@@ -1,4 +1,4 @@
-"""Command line: ``chestxray {predict,evaluate,localize,train,release,publish,fit-gate} ...``.
+"""Command line: ``chestxray {predict,evaluate,localize,train,release,recard,publish,fit-gate} ...``.
 
 Installed as the ``chestxray`` console script; ``python -m chestxray`` is the same. User errors
 (unreadable images, unknown models, bad options) end with one ``error:`` line and a non-zero exit
@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     m = evaluate(args.model or default_model(), args.out, labels_csv=args.labels, images=args.images,
                  sources=args.source or (), data_root=args.data_root, split=args.split, n_boot=args.n_boot,
-                 progress=sys.stderr.isatty())
+                 progress=sys.stderr.isatty(), localize=not args.no_localize)
     ci = m.get("mean_auroc_ci") or [None, None]
     mean = m.get("mean_auroc")
     print(f"mean AUROC {mean:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}) on {m['n_images']} images -> {args.out}"
@@ -132,6 +132,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  {g}: {gm['mean_auroc']:.4f} on {gm['n_images']} images")
     if m.get("undefined_labels"):
         print(f"labels without positives or negatives here: {', '.join(m['undefined_labels'])}")
+    if (ts := m.get("temperature_scaling")):
+        b, a = ts["all"]["before"], ts["all"]["after"]
+        print(f"temperature-calibrated ({len(ts['temperatures'])} labels): pooled ECE {b['pooled_ece']:.4f} -> "
+              f"{a['pooled_ece']:.4f}, mean Brier {b['mean_brier']:.4f} -> {a['mean_brier']:.4f}")
+    if (loc := m.get("localization")):
+        films = "held-out films" if loc.get("held_out") else "films (no splits.csv: training films included)"
+        print(f"localization: map maximum in the box for {loc['hit_rate']:.1%} of {loc['n_pairs']} boxed findings "
+              f"on {loc['n_films']} {films}; IoU " + ", ".join(f">={k} {v:.0%}" for k, v in loc["iou_hit_rate"].items()))
     return 0
 
 
@@ -169,6 +177,19 @@ def cmd_release(args: argparse.Namespace) -> int:
                    n_boot=args.n_boot, fit_gate=not args.no_gate, repo_id=args.repo_id,
                    progress=sys.stderr.isatty())
     print(f"released {dest}")
+    return 0
+
+
+def cmd_recard(args: argparse.Namespace) -> int:
+    """Refreshes shipped checkpoint folders' cards, metrics and configs (temperatures) without their runs."""
+    import json
+
+    from chestxray.release import recard
+
+    for folder in args.folders:
+        out = recard(folder, args.data_root, n_boot=args.n_boot, progress=sys.stderr.isatty(),
+                     localize=not args.no_localize, calibrate=not args.no_calibrate, tolerance=args.tolerance)
+        print(json.dumps(out, indent=1))
     return 0
 
 
@@ -251,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     ev.add_argument("--out", required=True, help="output folder (metrics.json, roc.png, confusion.png, "
                                                  "reliability.png, predictions.csv)")
+    ev.add_argument("--no-localize", action="store_true",
+                    help="skip the pointing game on the boxed NIH films (run when the data root has the box files)")
     ev.set_defaults(func=cmd_evaluate)
 
     lc = command("localize", "pointing game and box IoU: Grad-CAM vs radiologists' boxes (NIH, RSNA)",
@@ -274,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--repo-id", help="Hub repo id for the model card's usage snippet")
     rl.add_argument("--no-gate", action="store_true", help="do not fit the input gate")
     rl.set_defaults(func=cmd_release)
+
+    rc = command("recard", "refresh a shipped folder's card, metrics.json and config.json (temperatures) without "
+                           "its training run; weights and gate untouched",
+                 "chestxray recard weights/efficientnet_b0 --data-root ../shared/data")
+    rc.add_argument("folders", nargs="+", metavar="FOLDER", help="shipped checkpoint folder(s) with splits.csv")
+    rc.add_argument("--data-root", default=default_data_root(), help=data_help)
+    rc.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000, as release)")
+    rc.add_argument("--tolerance", type=float, default=2e-3,
+                    help="largest difference to the shipped probabilities and AUROCs accepted (default 0.002)")
+    rc.add_argument("--no-localize", action="store_true", help="skip the pointing game")
+    rc.add_argument("--no-calibrate", action="store_true", help="fit no temperatures (removes existing ones)")
+    rc.set_defaults(func=cmd_recard)
 
     pb = command("publish", "upload a checkpoint folder to the Hugging Face Hub and print its pinned reference",
                  "HF_TOKEN=hf_... chestxray publish weights/resnet18 org/cxr-resnet18")

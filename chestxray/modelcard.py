@@ -218,8 +218,57 @@ def partial_labels_line(metrics: dict[str, Any]) -> str:
             "of the loss, never read as negative.") if parts else ""
 
 
-def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False) -> list[str]:
-    """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table.
+def _arrow(before: float | None, after: float | None) -> str:
+    return f"{_fmt(before)} -> {_fmt(after)}"
+
+
+def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tuple[str, str]]) -> list[str]:
+    """Card lines on temperature scaling: what was fitted where, ECE and Brier before -> after on the test films
+    (per group), and a per-label table with each temperature."""
+    fitted = (f" on {calibration.n_films} films of the {calibration.fitted_on}" if calibration is not None
+              and calibration.fitted_on else " on validation films")
+    temps = scaling.get("temperatures", {})
+    rows = ["| test films | images | mean ECE | pooled ECE | mean Brier | pooled Brier |", "|---|---|---|---|---|---|"]
+    for key, title in groups:
+        g = scaling["all"] if key == "all" else scaling.get("by_group", {}).get(key)
+        if not g:
+            continue
+        b, a = g["before"], g["after"]
+        rows.append(f"| {title} | {g['n_images']} | {_arrow(b['mean_ece'], a['mean_ece'])} | "
+                    f"{_arrow(b['pooled_ece'], a['pooled_ece'])} | {_arrow(b['mean_brier'], a['mean_brier'])} | "
+                    f"{_arrow(b['pooled_brier'], a['pooled_brier'])} |")
+    head_key = groups[0][0]
+    head = scaling["all"] if head_key == "all" else scaling.get("by_group", {}).get(head_key, scaling["all"])
+    per_label = [f"| label | temperature | ECE ({groups[0][1]}) | Brier ({groups[0][1]}) |", "|---|---|---|---|"]
+    better = worse = 0
+    for label, t in temps.items():
+        eb, ea = head["before"]["ece"].get(label), head["after"]["ece"].get(label)
+        if eb is not None and ea is not None and eb == eb and ea == ea:
+            better += ea < eb
+            worse += ea > eb
+        per_label.append(f"| {label} | {t:.3f} | {_arrow(eb, ea)} | "
+                         f"{_arrow(head['before']['brier'].get(label), head['after']['brier'].get(label))} |")
+    return [
+        "### Temperature scaling", "",
+        f"The probabilities are **temperature-calibrated**: each label's logit is divided by one number T fitted"
+        f"{fitted} (minimising the log-loss; stored in `config.json` as `chestxray.calibration.temperatures`), "
+        "so a label reads `sigmoid(logit / T)`. T > 1 pulls probabilities towards 0.5, T < 1 pushes them "
+        "apart. Dividing by T keeps every label's order of films, so AUROC and AUPRC are unchanged, and each "
+        "operating threshold t is mapped to `sigmoid(logit(t) / T)`, so exactly the same films are flagged. "
+        f"{len(temps)} labels have a temperature (a label needs at least 3 validation positives and 3 "
+        "negatives). ECE and Brier score before -> after, on the held-out test films:", "",
+        *rows, "",
+        f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up (a label fitted "
+        "on few validation films can get worse on new ones).", "",
+        "<details><summary>Per label</summary>", "", *per_label, "", "</details>", "",
+    ]
+
+
+def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False,
+                        scaling: dict[str, Any] | None = None, calibration: Any = None,
+                        groups: list[tuple[str, str]] | None = None) -> list[str]:
+    """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table, and, for a
+    temperature-calibrated model (``scaling``: evaluate's ``temperature_scaling``), before/after figures.
 
     Empty when ``metrics`` predates these numbers (an older metrics.json), so such cards still render.
     """
@@ -230,18 +279,21 @@ def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False)
         rows.append(f"| {label} | {_fmt(m.get('auprc'))} ({_fmt(m.get('prevalence'))}) | {_fmt(m.get('brier'))} "
                     f"| {_fmt(m.get('ece'))} |")
     n_bins = metrics.get("calibration", {}).get("n_bins", 15)
+    after = " after temperature scaling (below)" if scaling else ""
     return [
         "## Calibration", "",
         f"On the same films ({group}): mean AUPRC **{_fmt(metrics.get('mean_auprc'))}**, mean Brier score "
         f"**{_fmt(metrics.get('mean_brier'))}**, mean expected calibration error (ECE) "
-        f"**{_fmt(metrics.get('mean_ece'))}** (all labels pooled: {_fmt(metrics.get('pooled_ece'))}).", "",
+        f"**{_fmt(metrics.get('mean_ece'))}** (all labels pooled: {_fmt(metrics.get('pooled_ece'))}){after}.", "",
         f"*AUPRC* is average precision; its chance level is the label's prevalence (in brackets). *Brier* is the "
         f"mean squared difference between probability and outcome (0 is perfect). *ECE* sorts the probabilities "
         f"into {n_bins} equal-width bins and averages |observed frequency - mean probability| weighted by the "
         "bin's share of films; for a rare label most films sit in the lowest bin, so a small ECE there says "
-        "little: read the reliability diagram. The probabilities are not recalibrated.", "",
+        "little: read the reliability diagram."
+        + ("" if scaling else " The probabilities are not recalibrated."), "",
         *(["![Reliability diagram](reliability.png)", ""] if plot else []),
         "<details><summary>Per label</summary>", "", *rows, "", "</details>", "",
+        *(temperature_lines(scaling, calibration, groups or [("all", "all test films")]) if scaling else []),
     ]
 
 
@@ -275,6 +327,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
     folder = Path(folder)
     meta = CkptMeta.from_config(config)
     train = meta.training or Training()
+    scaling = metrics.get("temperature_scaling") if meta.calibration else None
     groups = metrics.get("by_group", {})
     head = groups.get(headline_group, metrics)
     ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:/path/to/{name}"
@@ -325,7 +378,10 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
         "![Training curves](training_curves.png)", "",
         *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),
-                             plot=(folder / "reliability.png").is_file()),
+                             plot=(folder / "reliability.png").is_file(), scaling=scaling,
+                             calibration=meta.calibration,
+                             groups=[(g, GROUP_NAMES.get(g, g)) for g in dict.fromkeys(
+                                 x for x in (headline_group, mixed_group) if x)] + [("all", "all test films")]),
         "## Training data and split", "",
         f"- Sources: {', '.join(train.sources)} (see `splits.csv` for every image's split).",
         f"- Split by patient (seed {train.seed}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
@@ -336,8 +392,14 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         *([partial] if (partial := partial_labels_line(metrics)) else []), "",
         "## Intended use", "",
         "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
-        "educators. Probabilities are this model's outputs, not calibrated disease risks; a label is marked "
-        "when its probability reaches the per-label threshold stored in `config.json`.", "",
+        "educators. "
+        + ("Probabilities are this model's outputs, temperature-calibrated per label on validation films "
+           "(see Calibration): closer to observed frequencies on films like these, still not disease risks for "
+           "any other population; a label is marked when its probability reaches its operating threshold "
+           "(stored in `config.json` on the raw scale and mapped by the same temperature)."
+           if scaling else
+           "Probabilities are this model's outputs, not calibrated disease risks; a label is marked "
+           "when its probability reaches the per-label threshold stored in `config.json`."), "",
         "## Limitations and known failure modes", "",
         "- **Label noise**: NIH labels were mined from reports by NLP; expert audits found many wrong "
         "(Oakden-Rayner, 2017). AUROCs on them are noisy in both directions.",
@@ -361,7 +423,11 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "input size in `config.json` and normalised with its mean/std, then one sigmoid per label:", "",
         "```python", usage_snippet(ref), "```", "",
         "`probs` maps each label to its probability; each label's operating threshold is in `config.json` "
-        "(`chestxray.thresholds`). DICOM and 16-bit films need windowing first: this toolkit's reader does it, "
+        "(`chestxray.thresholds`)"
+        + (" and applies to these raw probabilities; the calibrated probability of a label is "
+           "`sigmoid(logit / T)` with its temperature from `chestxray.calibration.temperatures` (the toolkit "
+           "applies it, and maps the thresholds to match)" if scaling else "")
+        + ". DICOM and 16-bit films need windowing first: this toolkit's reader does it, "
         "and adds the thresholds, Grad-CAM and the input gate:", "",
         "```python", "from chestxray import Predictor",
         f'pred = Predictor.load("{ref.replace("local-dir:", "")}")',
