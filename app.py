@@ -174,8 +174,10 @@ def label_table(analysis) -> str:
                     f'<td style="{cell};text-align:right">{t:.3f}</td></tr>')
     return (f'<table style="width:100%;border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table><p style="font-size:12px;margin:6px 0 0 0">▲ bold: probability '
-            "at or above the label's operating threshold (above threshold). This is a model output, not a "
-            "diagnosis.</p>")
+            "at or above the label's operating threshold (above threshold). "
+            + ("Probabilities are temperature-calibrated per label on validation films (thresholds mapped to "
+               "match). " if getattr(analysis, "calibrated", False) else "")
+            + "This is a model output, not a diagnosis.</p>")
 
 
 def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
@@ -189,7 +191,9 @@ def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
     else:
         how = ("**per-label range (min-max)**: each map is stretched to its own range, so a label with a low "
                "probability still gets a full-range heatmap")
-    return (f"**{label}**: probability **{p:.3f}** (operating threshold {t:.3f}: {side} threshold). "
+    scale_note = (" (temperature-calibrated on validation; threshold mapped to match)"
+                  if getattr(analysis, "calibrated", False) else "")
+    return (f"**{label}**: probability **{p:.3f}**{scale_note} (operating threshold {t:.3f}: {side} threshold). "
             f"Map: {METHOD_TITLES.get(method, method)}, {how}. Colour bar (right edge, viridis): 0 = no evidence "
             f"for the label (the film shows through), 1 = the strongest evidence; colour and opacity rise together."
             f"{extra}")
@@ -226,6 +230,14 @@ def card_markdown(card: dict) -> str:
         on = " (" + ", ".join(map(str, c["val_sources"])) + ")" if isinstance(c.get("val_sources"), list) else ""
         lines.append(f"Validation mean AUROC{on}: {c['val_mean_auroc']:.3f}"
                      f"{ci_text(c.get('val_mean_auroc_ci'))}.")
+    cal = c.get("calibration")
+    if cal:
+        on = f" ({cal['n_films']} films of the {cal['fitted_on']})" if cal.get("fitted_on") and cal.get("n_films") else ""
+        lines.append(f"Probabilities are **temperature-calibrated on validation**{on}: each label's logit is divided "
+                     f"by its own temperature ({len(cal['temperatures'])} labels), which keeps the order of the films; "
+                     "the thresholds below are mapped the same way, so the same films are marked.")
+    else:
+        lines.append("Probabilities are the model's raw outputs (not recalibrated).")
     if c.get("thresholds"):
         rule = f" ({c['threshold_rule']} rule, chosen on validation)" if c.get("threshold_rule") else ""
         lines.append(f"Operating thresholds{rule}: " + ", ".join(f"{k} {v:.2f}" for k, v in c["thresholds"].items())
@@ -291,13 +303,14 @@ STATE_TTL = int(os.environ.get("CHESTXRAY_STATE_TTL", 1800))
 def pack(a: Analysis) -> dict:
     """What a session keeps of an analysis: probabilities, all-label maps, the display image as uint8 (~0.6 MB)."""
     return {"labels": list(a.labels), "probs": a.probs, "cams": a.cams, "image": to_uint8(a.image),
-            "thresholds": dict(a.thresholds), "warnings": list(getattr(a, "warnings", None) or [])}
+            "thresholds": dict(a.thresholds), "warnings": list(getattr(a, "warnings", None) or []),
+            "calibrated": bool(getattr(a, "calibrated", False))}
 
 
 def unpack(d: dict) -> Analysis:
     """The stored analysis back as an :class:`Analysis` (no model involved)."""
     return Analysis(d["labels"], d["probs"], d["cams"], d["image"].astype(np.float32) / 255.0, d["thresholds"],
-                    warnings=d["warnings"])
+                    warnings=d["warnings"], calibrated=d.get("calibrated", False))
 
 
 def _file_stem(label: str) -> str:

@@ -150,7 +150,8 @@ class ModelRegistry:
         card: dict[str, Any] = {
             "name": name, "arch": cfg.get("architecture"), "img_size": size[-1],
             "labels": list(cfg.get("label_names") or []), "label_set": meta.label_set,
-            "thresholds": dict(meta.thresholds),
+            # on the scale of the probabilities the predictor reports (mapped by the temperatures, if any)
+            "thresholds": meta.calibrated_thresholds(),
             "source": self.entries[name].hub if folder.parent != weights_dir() else f"weights/{folder.name}",
         }
         for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources",
@@ -161,6 +162,9 @@ class ModelRegistry:
             card["val_mean_auroc"] = training.val_mean_auroc
             card.update({"val_mean_auroc_ci": training.val_mean_auroc_ci} if training.val_mean_auroc_ci else {})
         card.update({"metrics": summary} if meta.metrics and (summary := _metrics_summary(meta.metrics)) else {})
+        if meta.calibration:
+            card["calibration"] = {"method": meta.calibration.method, "temperatures": meta.temperatures,
+                                   "fitted_on": meta.calibration.fitted_on, "n_films": meta.calibration.n_films}
         return card
 
 

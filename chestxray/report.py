@@ -75,6 +75,8 @@ def report_dict(analysis, *, model: dict[str, Any], image: dict[str, Any], view:
                   "source": model.get("source"), "summary": card_summary(model),
                   "threshold_rule": model.get("threshold_rule")},
         "image": image,
+        "probability_scale": ("temperature-calibrated per label on validation (thresholds mapped to match)"
+                              if getattr(analysis, "calibrated", False) else "raw model output (sigmoid of the logit)"),
         "findings": rows,
         "probabilities": {r["label"]: r["probability"] for r in rows},
         "thresholds": {r["label"]: r["threshold"] for r in rows},
@@ -156,8 +158,9 @@ def report_figure(data: dict[str, Any], film: np.ndarray, overlay: np.ndarray) -
         cell.set_edgecolor("0.8")
         if row == 0 or (row > 0 and data["findings"][row - 1]["above_threshold"]):
             cell.get_text().set_weight("bold")
-    ax3.set_title("Probabilities (bold, 'above threshold': at or above the label's operating threshold; "
-                  "a model output, not a diagnosis)", fontsize=8)
+    scale = data.get("probability_scale")
+    ax3.set_title(_wrap(f"Probabilities{f' ({scale})' if scale else ''}. Bold, 'above threshold': at or above the "
+                        "label's operating threshold; a model output, not a diagnosis.", 120), fontsize=8)
     return fig
 
 
