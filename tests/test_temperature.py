@@ -229,3 +229,34 @@ def test_recard_keeps_weights_byte_identical_and_reproduces_itself(shipped_like,
     assert second["checks"]["mean_auroc_max_abs_diff"] == pytest.approx(0, abs=1e-9)
     assert second["temperatures"] == first["temperatures"]
     assert {f: _sha(folder / f) for f in before} == before
+
+
+def test_app_and_report_say_when_probabilities_are_calibrated(tiny, tmp_path, films, monkeypatch):
+    import shutil
+
+    import app
+    from chestxray.predictor import Predictor
+    from chestxray.registry import ModelRegistry
+    from chestxray.report import report_dict
+
+    folder, raw, _, _ = tiny
+    cal_folder = tmp_path / "weights" / "cal"
+    shutil.copytree(folder, cal_folder)
+    thresholds = {k: 0.4 for k in raw.labels}
+    _with_calibration(cal_folder, {"Effusion": 2.0}, thresholds)
+    a_cal = Predictor.load(cal_folder, device="cpu").analyze(films["path"][0])
+    a_raw = raw.analyze(films["path"][0])
+    assert a_cal.calibrated and not a_raw.calibrated
+    assert app.unpack(app.pack(a_cal)).calibrated
+    assert "temperature-calibrated on validation" in app.caption(a_cal, "Effusion", "gradcam")
+    assert "temperature-calibrated" not in app.caption(a_raw, "Effusion", "gradcam")
+    assert "temperature-calibrated" in app.label_table(a_cal)
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(cal_folder.parent))
+    (tmp_path / "m.yaml").write_text("default: cal\nmodels:\n  - {name: cal, local: cal}\n")
+    card = ModelRegistry.from_yaml(tmp_path / "m.yaml").card("cal")
+    assert card["thresholds"]["Effusion"] == pytest.approx(map_threshold(0.4, 2.0))
+    assert card["thresholds"]["Mass"] == 0.4
+    assert "temperature-calibrated on validation" in app.card_markdown(card)
+    data = report_dict(a_cal, model=card, image={}, view={}, disclaimer="x")
+    assert data["probability_scale"].startswith("temperature-calibrated")
+    assert data["thresholds"]["Effusion"] == pytest.approx(map_threshold(0.4, 2.0), abs=1e-6)
