@@ -175,7 +175,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     dest = release(args.run, args.name or Path(args.run).name, dest_root=args.dest, data_root=args.data_root,
                    n_boot=args.n_boot, fit_gate=not args.no_gate, repo_id=args.repo_id,
-                   progress=sys.stderr.isatty())
+                   progress=sys.stderr.isatty(), calibrate=not args.no_calibrate)
     print(f"released {dest}")
     return 0
 
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     rl.add_argument("--repo-id", help="Hub repo id for the model card's usage snippet")
     rl.add_argument("--no-gate", action="store_true", help="do not fit the input gate")
+    rl.add_argument("--no-calibrate", action="store_true",
+                    help="fit no per-label temperatures on the validation films")
     rl.set_defaults(func=cmd_release)
 
     rc = command("recard", "refresh a shipped folder's card, metrics.json and config.json (temperatures) without "

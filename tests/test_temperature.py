@@ -261,3 +261,29 @@ def test_app_and_report_say_when_probabilities_are_calibrated(tiny, tmp_path, fi
     data = report_dict(a_cal, model=card, image={}, view={}, disclaimer="x")
     assert data["probability_scale"].startswith("temperature-calibrated")
     assert data["thresholds"]["Effusion"] == pytest.approx(map_threshold(0.4, 2.0), abs=1e-6)
+
+
+def test_release_fits_temperatures_on_the_runs_validation_films(tmp_path, films, data_dir):
+    from chestxray.release import release
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "best", arch="resnet10t", seed=6,
+                    training={"epoch": 1, "val_mean_auroc": 0.5, "sources": ["nih384"], "pretrained": False,
+                              "val_sources": ["reproduce_chexnet"], "n_images": {"train": 0, "val": 20, "test": 20}})
+    films.assign(split=["val" if i % 2 else "test" for i in range(len(films))]).to_csv(run / "manifest.csv",
+                                                                                        index=False)
+    (run / "train_config.json").write_text(json.dumps({"arch": "resnet10t", "img_size": 64, "epochs": 1,
+                                                       "seed": 0, "data_root": str(data_dir)}))
+    dest = release(run, "tiny", dest_root=tmp_path / "weights", n_boot=10, fit_gate=False, progress=False,
+                   localize=False)
+    meta = CkptMeta.read(dest)
+    assert meta.calibration is not None and meta.calibration.n_films == 20 and meta.temperatures
+    assert meta.metrics.extra["temperature_scaling"]["all"]["after"]["pooled_ece"] >= 0
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert metrics["temperature_scaling"]["temperatures"] == meta.temperatures
+    # The float16 check compares raw probabilities on both sides (temperatures would move only one).
+    assert meta.metrics.float16_check["max_abs_prob_diff"] < 0.05
+    card = (dest / "README.md").read_text()
+    assert "### Temperature scaling" in card and "chestxray recard weights/tiny" in card
+    assert release(run, "tiny2", dest_root=tmp_path / "weights", n_boot=0, fit_gate=False, progress=False,
+                   localize=False, calibrate=False) and CkptMeta.read(tmp_path / "weights/tiny2").calibration is None
