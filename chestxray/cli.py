@@ -188,7 +188,8 @@ def cmd_recard(args: argparse.Namespace) -> int:
 
     for folder in args.folders:
         out = recard(folder, args.data_root, n_boot=args.n_boot, progress=sys.stderr.isatty(),
-                     localize=not args.no_localize, calibrate=not args.no_calibrate, tolerance=args.tolerance)
+                     localize=not args.no_localize, calibrate=not args.no_calibrate, tolerance=args.tolerance,
+                     card_only=args.card_only)
         print(json.dumps(out, indent=1))
     return 0
 
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest difference to the shipped probabilities and AUROCs accepted (default 0.002)")
     rc.add_argument("--no-localize", action="store_true", help="skip the pointing game")
     rc.add_argument("--no-calibrate", action="store_true", help="fit no temperatures (removes existing ones)")
+    rc.add_argument("--card-only", action="store_true",
+                    help="compute nothing: rewrite README.md from the folder's own metrics.json and config.json")
     rc.set_defaults(func=cmd_recard)
 
     pb = command("publish", "upload a checkpoint folder to the Hugging Face Hub and print its pinned reference",

@@ -258,8 +258,9 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
         f"{len(temps)} labels have a temperature (a label needs at least 3 validation positives and 3 "
         "negatives). ECE and Brier score before -> after, on the held-out test films:", "",
         *rows, "",
-        f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up (a label fitted "
-        "on few validation films can get worse on new ones).", "",
+        f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up: one temperature "
+        "per label is fitted to the whole validation mix, so it can leave one kind of film worse calibrated "
+        "than before (and a label with few validation positives gets a noisy temperature).", "",
         "<details><summary>Per label</summary>", "", *per_label, "", "</details>", "",
     ]
 
@@ -374,7 +375,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
            within_source_table(metrics), "", confounding_statement(metrics), ""]
           if confounded_labels(metrics) else []),
         f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
-        f"{train.threshold_rule or 'youden'} rule)", "", label_table(head), "",
+        f"{train.threshold_rule or 'youden'} rule"
+        + ("; shown on the temperature-calibrated scale, which flags the same films" if scaling else "") + ")",
+        "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
         "![Training curves](training_curves.png)", "",
         *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),

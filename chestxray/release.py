@@ -267,7 +267,7 @@ def _sha256(path: Path) -> str:
 
 def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: int = 1000,
            progress: bool = True, localize: bool = True, calibrate: bool = True, tolerance: float = 2e-3,
-           repo_id: str | None = None) -> dict[str, Any]:
+           repo_id: str | None = None, card_only: bool = False) -> dict[str, Any]:
     """Refreshes a shipped checkpoint folder's card, metrics and config without its training run.
 
     From the folder alone (``config.json``, ``model.safetensors``, ``splits.csv``) and the shared data:
@@ -277,6 +277,9 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
     temperatures are fitted on the validation films (:func:`validation_films`); calibration before/after,
     localization and the card are rewritten (:data:`RECARD_FILES`). The weights and the input gate are
     never written, and their bytes are checked unchanged.
+
+    With ``card_only``, nothing is computed: the card is written again from the folder's own
+    ``metrics.json`` and ``config.json`` (after a change to the card's wording).
 
     Returns:
         ``{"folder", "checks": {...}, "temperatures", "seconds"}``; ``checks`` holds the largest
@@ -291,6 +294,14 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
     folder = Path(folder).resolve()
     name = folder.name
     hashes = {f: _sha256(folder / f) for f in KEPT_FILES if (folder / f).is_file()}
+    if card_only:
+        meta = CkptMeta.read(folder)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        m = meta.metrics or ReleaseMetrics()
+        _write_card(folder, folder, name, json.loads((folder / CONFIG_FILE).read_text()), metrics,
+                    m.headline_group or HEADLINE, metrics.get("localization") or {}, repo_id)
+        return {"folder": str(folder), "checks": {"card_only": True}, "temperatures": meta.temperatures,
+                "seconds": round(time.time() - start, 1)}
     old_meta = CkptMeta.read(folder)
     training = old_meta.training or Training()
     if not training.sources:
@@ -363,22 +374,7 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
         meta.metrics = release_metrics(metrics, headline, dict(old_m.float16_check), loc)
         cfg = meta.apply(json.loads((folder / CONFIG_FILE).read_text()))
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-        old_card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
-        sections = card_sections(old_card)
-        default_section = sections.pop(DEFAULT_SECTION, None)
-        extra = {k: v for k, v in sections.items() if k not in _GENERATED_SECTIONS}
-        if loc.get("n_pairs"):
-            extra["Where the heatmap points"] = localization_card_section(loc)
-        if "Reproduce" in extra and "chestxray recard" not in extra["Reproduce"]:
-            extra["Reproduce"] = re.sub(r"\n```\s*$", f"\npython -m chestxray recard weights/{name} --data-root "
-                                        "../shared/data   # this card, from the folder\n```", extra["Reproduce"])
-        extra = {k: extra[k] for k in sorted(extra, key=lambda k: k == "Reproduce")}  # Reproduce last
-        hub = re.search(r'create_model\("hf-hub:([^"@]+)', old_card)
-        write_model_card(tmp, name=name, config=cfg, metrics=metrics, headline_group=headline, mixed_group=MIXED,
-                         extra_sections=extra, repo_id=repo_id or (hub.group(1) if hub else None))
-        if default_section is not None:
-            with (tmp / "README.md").open("a") as f:
-                f.write(f"\n## {DEFAULT_SECTION}\n\n{default_section}\n")
+        _write_card(tmp, folder, name, cfg, metrics, headline, loc, repo_id)
         for f in RECARD_FILES:
             if (tmp / f).is_file():
                 shutil.copyfile(tmp / f, folder / f)
@@ -388,6 +384,28 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
     return {"folder": str(folder), "checks": checks, "kept_identical": sorted(hashes),
             "temperatures": calibration.temperatures if calibration else {},
             "seconds": round(time.time() - start, 1)}
+
+
+def _write_card(dest: Path, folder: Path, name: str, cfg: dict[str, Any], metrics: dict[str, Any], headline: str,
+                loc: dict[str, Any], repo_id: str | None) -> None:
+    """Writes ``dest/README.md`` for ``recard``: the sections it computes, and the old card's (in ``folder``)
+    other sections carried over verbatim (float16 check, input gate, reproduce; the default-model note last)."""
+    old_card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    sections = card_sections(old_card)
+    default_section = sections.pop(DEFAULT_SECTION, None)
+    extra = {k: v for k, v in sections.items() if k not in _GENERATED_SECTIONS}
+    if loc.get("n_pairs"):
+        extra["Where the heatmap points"] = localization_card_section(loc)
+    if "Reproduce" in extra and "chestxray recard" not in extra["Reproduce"]:
+        extra["Reproduce"] = re.sub(r"\n```\s*$", f"\npython -m chestxray recard weights/{name} --data-root "
+                                    "../shared/data   # this card, from the folder\n```", extra["Reproduce"])
+    extra = {k: extra[k] for k in sorted(extra, key=lambda k: k == "Reproduce")}  # Reproduce last
+    hub = re.search(r'create_model\("hf-hub:([^"@]+)', old_card)
+    write_model_card(dest, name=name, config=cfg, metrics=metrics, headline_group=headline, mixed_group=MIXED,
+                     extra_sections=extra, repo_id=repo_id or (hub.group(1) if hub else None))
+    if default_section is not None:
+        with (dest / "README.md").open("a") as f:
+            f.write(f"\n## {DEFAULT_SECTION}\n\n{default_section}\n")
 
 
 def summary_row(folder: Path) -> dict[str, Any]:

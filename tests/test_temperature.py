@@ -230,6 +230,10 @@ def test_recard_keeps_weights_byte_identical_and_reproduces_itself(shipped_like,
     assert second["checks"]["mean_auroc_max_abs_diff"] == pytest.approx(0, abs=1e-9)
     assert second["temperatures"] == first["temperatures"]
     assert {f: _sha(folder / f) for f in before} == before
+    # The card alone, again from the folder's own metrics.json and config.json: the same card.
+    card = (folder / "README.md").read_text()
+    recard(folder, data_root=data_dir, card_only=True)
+    assert (folder / "README.md").read_text() == card
 
 
 def test_app_and_report_say_when_probabilities_are_calibrated(tiny, tmp_path, films, monkeypatch):
