@@ -97,7 +97,8 @@ DISCLAIMER = """
 <b>Research demo: not a medical device, not for diagnosis or treatment decisions.</b>
 The probabilities are outputs of small models trained from scratch on a few thousand public images
 (NIH ChestX-ray14 and others, whose labels were mined from reports and are often wrong): they are not
-calibrated risks, and the models miss findings and flag normal films. Heatmaps show where a model looked,
+disease risks (where a model is temperature-calibrated, that only matches them to its validation films), and
+the models miss findings and flag normal films. Heatmaps show where a model looked,
 not where disease is. See the model card for how each model was trained and how well it did.
 Uploaded files are deleted from the server within an hour.
 </div>

@@ -124,6 +124,7 @@ def report_figure(data: dict[str, Any], film: np.ndarray, overlay: np.ndarray) -
                             if info.get(k)))
     for text in (f"Model: {data['model']['summary']}", image_line,
                  f"Display window: {view['window']}. The model saw the file's own window.",
+                 *([f"Probabilities: {data['probability_scale']}."] if data.get("probability_scale") else []),
                  *(f"Note: {n}" for n in info.get("notes", []))):
         text = _wrap(text, 130)
         fig.text(0.06, y, text, fontsize=8, va="top")
@@ -158,9 +159,8 @@ def report_figure(data: dict[str, Any], film: np.ndarray, overlay: np.ndarray) -
         cell.set_edgecolor("0.8")
         if row == 0 or (row > 0 and data["findings"][row - 1]["above_threshold"]):
             cell.get_text().set_weight("bold")
-    scale = data.get("probability_scale")
-    ax3.set_title(_wrap(f"Probabilities{f' ({scale})' if scale else ''}. Bold, 'above threshold': at or above the "
-                        "label's operating threshold; a model output, not a diagnosis.", 120), fontsize=8)
+    ax3.set_title("Probabilities (bold, 'above threshold': at or above the label's operating threshold; "
+                  "a model output, not a diagnosis)", fontsize=8)
     return fig
 
 
