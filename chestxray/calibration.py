@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from chestxray.ckpt_config import map_threshold  # noqa: F401 (re-exported: the run-time half lives there)
+
 #: Equal-width bins of the expected calibration error and the reliability diagram.
 N_BINS = 15
 
@@ -161,12 +163,3 @@ def apply_temperatures(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarr
     return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64))
 
 
-def map_threshold(threshold: float, temperature: float) -> float:
-    """The operating threshold on the calibrated scale: ``sigmoid(logit(t) / T)``.
-
-    ``sigmoid(z / T) >= sigmoid(logit(t) / T)`` exactly when ``sigmoid(z) >= t``: the same films are
-    flagged before and after calibration.
-    """
-    if temperature == 1.0 or not 0.0 < threshold < 1.0:
-        return float(threshold)
-    return float(sigmoid(logit(threshold) / temperature))

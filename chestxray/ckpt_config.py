@@ -14,6 +14,7 @@ never drops them. Importing it pulls in neither torch nor timm.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,20 @@ ALL = "all"
 def is_num(v: Any) -> bool:
     """A real number (bool and NaN are not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def map_threshold(threshold: float, temperature: float) -> float:
+    """An operating threshold on the temperature-calibrated scale: ``sigmoid(logit(t) / T)``.
+
+    ``sigmoid(z / T) >= sigmoid(logit(t) / T)`` exactly when ``sigmoid(z) >= t``: the same films are
+    flagged before and after calibration (:mod:`chestxray.calibration` fits the temperatures; this
+    run-time half is here so that the predictor needs nothing from the offline code).
+    """
+    t = float(threshold)
+    if temperature == 1.0 or not 0.0 < t < 1.0:
+        return t
+    x = (math.log(t) - math.log1p(-t)) / float(temperature)
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def _num(v: Any) -> float | None:
@@ -267,8 +282,6 @@ class CkptMeta:
     def calibrated_thresholds(self) -> dict[str, float]:
         """The operating thresholds on the scale of the probabilities the predictor reports: each one
         mapped by its label's temperature (:func:`chestxray.calibration.map_threshold`); unchanged without."""
-        from chestxray.calibration import map_threshold
-
         temps = self.temperatures
         return {k: map_threshold(t, temps.get(k, 1.0)) for k, t in self.thresholds.items()}
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from chestxray.boxes import BOX_THRESHOLD, Box, cam_boxes, draw_boxes
-from chestxray.calibration import map_threshold
 from chestxray.cam import FAST_METHODS, add_colorbar, all_label_cams, cam_at, method_cam, overlay, scale_map
 from chestxray.checkpoint import Checkpoint, load_checkpoint
+from chestxray.ckpt_config import map_threshold
 from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
 from chestxray.imaging import XrayImage, read_image
 from chestxray.models import classifier_weight, features_and_logits
