@@ -248,6 +248,14 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
             worse += ea > eb
         per_label.append(f"| {label} | {t:.3f} | {_arrow(eb, ea)} | "
                          f"{_arrow(head['before']['brier'].get(label), head['after']['brier'].get(label))} |")
+    from chestxray.calibration import T_BOUNDS
+
+    at_bound = [k for k, t in temps.items() if t >= T_BOUNDS[1] * 0.999 or t <= T_BOUNDS[0] * 1.001]
+    bound_note = (
+        [f"At the bound of the fit (T = {T_BOUNDS[1]:g} or {T_BOUNDS[0]:g}): {', '.join(at_bound)}. On the validation "
+         "films these labels' logits told positives from negatives so little that the log-loss was lowest with "
+         "every film pulled towards 0.5; temperature scaling has no offset, so it cannot move a label's average. "
+         "Read these labels' probabilities as uninformative.", ""] if at_bound else [])
     return [
         "### Temperature scaling", "",
         f"The probabilities are **temperature-calibrated**: each label's logit is divided by one number T fitted"
@@ -261,6 +269,7 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
         f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up: one temperature "
         "per label is fitted to the whole validation mix, so it can leave one kind of film worse calibrated "
         "than before (and a label with few validation positives gets a noisy temperature).", "",
+        *bound_note,
         "<details><summary>Per label</summary>", "", *per_label, "", "</details>", "",
     ]
 
