@@ -253,9 +253,10 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
     at_bound = [k for k, t in temps.items() if t >= T_BOUNDS[1] * 0.999 or t <= T_BOUNDS[0] * 1.001]
     bound_note = (
         [f"At the bound of the fit (T = {T_BOUNDS[1]:g} or {T_BOUNDS[0]:g}): {', '.join(at_bound)}. On the validation "
-         "films these labels' logits told positives from negatives so little that the log-loss was lowest with "
-         "every film pulled towards 0.5; temperature scaling has no offset, so it cannot move a label's average. "
-         "Read these labels' probabilities as uninformative.", ""] if at_bound else [])
+         "films the log-loss kept falling as these labels' probabilities were pulled towards 0.5: their raw "
+         "probabilities sit far from the observed frequencies, and temperature scaling has no offset to move "
+         "them. Read these labels' probabilities as uninformative (their ranking, AUROC and flags are unchanged).",
+         ""] if at_bound else [])
     return [
         "### Temperature scaling", "",
         f"The probabilities are **temperature-calibrated**: each label's logit is divided by one number T fitted"
