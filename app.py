@@ -192,9 +192,9 @@ def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
     else:
         how = ("**per-label range (min-max)**: each map is stretched to its own range, so a label with a low "
                "probability still gets a full-range heatmap")
-    scale_note = (" (temperature-calibrated on validation; threshold mapped to match)"
-                  if getattr(analysis, "calibrated", False) else "")
-    return (f"**{label}**: probability **{p:.3f}**{scale_note} (operating threshold {t:.3f}: {side} threshold). "
+    calibrated = getattr(analysis, "calibrated", False)
+    return (f"**{label}**: probability **{p:.3f}**{', temperature-calibrated on validation' if calibrated else ''} "
+            f"(operating threshold {t:.3f}{', mapped to match' if calibrated else ''}: {side} threshold). "
             f"Map: {METHOD_TITLES.get(method, method)}, {how}. Colour bar (right edge, viridis): 0 = no evidence "
             f"for the label (the film shows through), 1 = the strongest evidence; colour and opacity rise together."
             f"{extra}")
