@@ -15,9 +15,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "boxes", "layout", "ckpt_config",
-           "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained"}
+           "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained",
+           "sources"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
-           "plots", "gate_fit", "distill", "localization", "cli", "train_cli"}
+           "plots", "gate_fit", "distill", "localization", "cli", "train_cli", "recipes"}
 
 
 def _modules() -> dict[str, ast.Module]:
