@@ -9,8 +9,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from chestxray.cam import all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, upsample
 from chestxray.checkpoint import load_folder
-from chestxray.models import PRODUCT_ARCHS, arch_spec, classifier_weight, create_model, features_and_logits, target_layer
+from chestxray.models import arch_spec, classifier_weight, create_model, features_and_logits, target_layer
 from chestxray.predictor import Predictor
+from chestxray.recipes import shipped_recipes
 from tests.helpers import make_checkpoint
 
 SIZE = 128  # 4x4 final maps for every arch: small, but not degenerate
@@ -24,8 +25,9 @@ def xray(data_dir):
 
 
 def _archs(fast: str) -> list:
-    """PRODUCT_ARCHS with all but ``fast`` marked slow (full-size networks take seconds each on CPU)."""
-    return [a if a == fast else pytest.param(a, marks=pytest.mark.slow) for a in PRODUCT_ARCHS]
+    """The shipped architectures (one recipe each) with all but ``fast`` marked slow (full-size networks take
+    seconds each on CPU)."""
+    return [a if a == fast else pytest.param(a, marks=pytest.mark.slow) for a in shipped_recipes()]
 
 
 @pytest.mark.parametrize("arch", _archs("resnet18"))
