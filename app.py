@@ -63,7 +63,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from chestxray.boxes import describe as describe_boxes  # noqa: E402
-from chestxray.cam import FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
+from chestxray.cam import CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
 from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.predictor import Analysis  # noqa: E402
@@ -185,7 +185,7 @@ def caption(analysis, label: str, method: str, scale: str = "minmax") -> str:
     """The probability shown beside a map, which scale is shown, and what the colour bar's 0 and 1 mean."""
     p, t = analysis.prob_dict()[label], analysis.threshold(label)
     side = "above" if p >= t else "below"
-    extra = " EigenCAM ignores the label: every label gets the same map." if method == "eigencam" else ""
+    extra = f" {CAM_METHODS[method].note}" if method in CAM_METHODS and CAM_METHODS[method].note else ""
     if scale == "probability":
         how = (f"**scaled by probability**: the map times p = {p:.3f}, so its brightest point is {p:.2f} on the "
                "colour bar and a low-probability label is drawn faint")

@@ -26,9 +26,9 @@ from chestxray.gate import GATE_FILE, Gate
 from chestxray.gate_fit import (EXTRA_CHEST_FILES, NON_CHEST_FILES, chest_manifest, evaluate,
                                 format_rows, sample_rows)
 from chestxray.imaging import SUPPORTED_EXTENSIONS, read_image
+from chestxray.layout import default_data_root
 from chestxray.predictor import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_negatives(paths: list[str], seed: int = 0) -> dict[str, list[np.ndarray]]:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder")
     ap.add_argument("--gate", default=None, help=f"gate file (default: <model>/{GATE_FILE})")
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--data-root", default=default_data_root())
     ap.add_argument("--manifest", default=None, help="the training run's manifest.csv (default: beside the model)")
     ap.add_argument("--max-per-source", type=int, default=300, help="test-split chest X-rays per source")
     ap.add_argument("--extra-negatives", nargs="*", default=[], help="folders of other non-chest images")

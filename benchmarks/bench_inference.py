@@ -21,8 +21,10 @@ import torch
 from chestxray.cam import method_cam
 from chestxray.checkpoint import Checkpoint, list_shipped, load_checkpoint, weights_dir
 from chestxray.labels import get_label_set
-from chestxray.models import PRODUCT_ARCHS, create_model
+from chestxray.layout import default_data_root
+from chestxray.models import create_model
 from chestxray.predictor import Predictor
+from chestxray.recipes import shipped_recipes
 from chestxray.transforms import Preprocess
 
 
@@ -54,8 +56,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--size", type=int, default=128, help="input side for archs without shipped weights")
-    ap.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "shared/data/nih/full_res/00000100_000.png"))
-    ap.add_argument("--archs", nargs="+", default=list(PRODUCT_ARCHS))
+    ap.add_argument("--image", default=str(Path(default_data_root()) / "nih/full_res/00000100_000.png"))
+    ap.add_argument("--archs", nargs="+", default=list(shipped_recipes()))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from chestxray.imaging import read_image

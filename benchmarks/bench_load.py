@@ -24,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chestxray.layout import default_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CHESTXRAY_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(default_data_root())
 DEFAULT_IMAGES = [DATA / "nih/images_384/00000100_000.png", DATA / "nih/full_res/00000075_000.png",
                   DATA / "dicom/pydicom_RG1_UNCR_chest_CR.dcm"]
 

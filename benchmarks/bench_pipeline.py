@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from chestxray.data import RawXrayDataset, XrayDataset, batch_augment, build_cache, load_sources
 from chestxray.labels import get_label_set
+from chestxray.layout import default_data_root
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_epochs(loader, epochs: int, device: torch.device, augment: bool = True,
@@ -47,7 +46,7 @@ def run_epochs(loader, epochs: int, device: torch.device, augment: bool = True,
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--data-root", default=default_data_root())
     ap.add_argument("--sources", default="nih384", help="comma list of shared-data sources")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--n", type=int, default=300, help="images")

@@ -24,12 +24,13 @@ import torch
 
 from chestxray.checkpoint import list_shipped, load_checkpoint, weights_dir
 from chestxray.ckpt_config import CkptMeta, Training
-from chestxray.evaluate import BALANCED_COHORT, evaluate
+from chestxray.evaluate import evaluate
 from chestxray.imaging import read_image
+from chestxray.layout import default_data_root
 from chestxray.localization import held_out_pointing_game
 from chestxray.predictor import Predictor
+from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _ci(m: dict) -> str:
@@ -61,8 +62,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared/data"))
-    ap.add_argument("--image", default=str(REPO.parent / "shared/data/nih/full_res/00000100_000.png"))
+    ap.add_argument("--data-root", default=default_data_root())
+    ap.add_argument("--image", default=str(Path(default_data_root()) / "nih/full_res/00000100_000.png"))
     ap.add_argument("--models", nargs="*", help="shipped names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,12 +83,12 @@ def main() -> int:
         train = CkptMeta.read(folder).training or Training()
         pred = Predictor(load_checkpoint(name), device="cpu")
         loc = held_out_pointing_game(pred, args.data_root)
-        flags = g.get("nih384", {}).get("flags_per_normal_film")
+        flags = g.get(MIXED_GROUP, {}).get("flags_per_normal_film")
         val_on = train.val_sources if isinstance(train.val_sources, str) else ", ".join(train.val_sources or ["all"])
         init = (train.initialised_from or ("ImageNet" if train.pretrained else "random")).split(",")[0]
         taught = "teacher" if (train.taught_by or "").startswith("teacher") else "labels"
         size = (folder / "model.safetensors").stat().st_size / 2**20
-        print(f"| {name} | {_ci(g.get(BALANCED_COHORT, {}))} | {_ci(g.get('nih384', {}))} | "
+        print(f"| {name} | {_ci(g.get(HEADLINE_GROUP, {}))} | {_ci(g.get(MIXED_GROUP, {}))} | "
               f"{_label_auc(g.get('kermany', {}), 'Pneumonia')} | {_label_auc(g.get('covid', {}), 'Pneumonia')} | "
               f"{'n/a' if flags is None else f'{flags:.1f}'} | "
               f"{loc['hit_rate']:.0%} of {loc['n_pairs']} ({loc['chance']:.0%}) | "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,22 +29,36 @@ from torch import nn
 
 from chestxray.models import arch_spec, target_layer
 
-#: Methods by user-facing name. "gradcam" uses the one-forward path; the rest go through
-#: pytorch-grad-cam (EigenCAM ignores the label; ScoreCAM costs one forward per channel).
-METHODS: dict[str, str] = {
-    "gradcam": "GradCAM",
-    "hirescam": "HiResCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
-    "scorecam": "ScoreCAM",
+@dataclass(frozen=True)
+class CamMethod:
+    """One explanation method: its pytorch-grad-cam class, its menu title, and how it is computed."""
+
+    cls: str  # class name in pytorch_grad_cam
+    title: str  # what the app's method menu shows
+    #: Drawn from the stored all-label maps of :func:`all_label_cams` (no extra pass): exact for these
+    #: architectures (global average pooling + one linear layer), so the title says "(fast)".
+    fast: bool = False
+    #: Attributes set on the pytorch-grad-cam object (ScoreCAM's ``batch_size`` is one, not a constructor argument).
+    attrs: tuple[tuple[str, object], ...] = ()
+    note: str = ""  # a caveat shown with its map
+
+
+#: Every method by user-facing name: the one table the app's menu, the predictor and the report read.
+#: EigenCAM ignores the label; ScoreCAM costs one forward pass per channel.
+CAM_METHODS: dict[str, CamMethod] = {
+    "gradcam": CamMethod("GradCAM", "Grad-CAM (fast)", fast=True),
+    "hirescam": CamMethod("HiResCAM", "HiResCAM (fast)", fast=True),
+    "gradcam++": CamMethod("GradCAMPlusPlus", "Grad-CAM++"),
+    "xgradcam": CamMethod("XGradCAM", "XGradCAM"),
+    "layercam": CamMethod("LayerCAM", "LayerCAM"),
+    "eigencam": CamMethod("EigenCAM", "EigenCAM (no label)", note="EigenCAM ignores the label: every label gets "
+                                                                  "the same map."),
+    "scorecam": CamMethod("ScoreCAM", "Score-CAM (slow)", attrs=(("batch_size", 16),)),
 }
-FAST_METHODS = ("gradcam", "hirescam")
-#: What the app's method menu shows for each of :data:`METHODS` (one place for the names).
-METHOD_TITLES: dict[str, str] = {"gradcam": "Grad-CAM (fast)", "hirescam": "HiResCAM (fast)",
-                                 "gradcam++": "Grad-CAM++", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
-                                 "eigencam": "EigenCAM (no label)", "scorecam": "Score-CAM (slow)"}
+#: Views of :data:`CAM_METHODS` under their older names: name -> class, fast names, name -> title.
+METHODS: dict[str, str] = {k: m.cls for k, m in CAM_METHODS.items()}
+FAST_METHODS: tuple[str, ...] = tuple(k for k, m in CAM_METHODS.items() if m.fast)
+METHOD_TITLES: dict[str, str] = {k: m.title for k, m in CAM_METHODS.items()}
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -94,7 +109,7 @@ def method_cam(model: nn.Module, arch: str, x: torch.Tensor, label_index: int, m
         arch: its architecture (for the target layer and the Swin reshape).
         x: 1 x C x H x W preprocessed input.
         label_index: index of the label's logit.
-        method: a key of :data:`METHODS`.
+        method: a key of :data:`CAM_METHODS`.
 
     Returns:
         H x W float32 map in [0,1] at the input resolution.
@@ -104,11 +119,12 @@ def method_cam(model: nn.Module, arch: str, x: torch.Tensor, label_index: int, m
 
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(METHODS)}")
-    cls = getattr(pytorch_grad_cam, METHODS[method])
+    cls = getattr(pytorch_grad_cam, CAM_METHODS[method].cls)
     reshape: Callable | None = nhwc_to_nchw if arch_spec(arch).nhwc else None
-    kwargs = {"batch_size": 16} if method == "scorecam" else {}
     with torch.enable_grad(), cls(model=model, target_layers=[target_layer(model, arch)],
-                                  reshape_transform=reshape, **kwargs) as cam:
+                                  reshape_transform=reshape) as cam:
+        for name, value in CAM_METHODS[method].attrs:
+            setattr(cam, name, value)
         out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(label_index))])
     return np.asarray(out[0], dtype=np.float32)
 

@@ -104,7 +104,8 @@ class Training:
     initialised_from: str | None = None
     taught_by: str | None = None
     trained_on: str | None = None
-    #: The training run's hyper-parameters (a subset of ``train_config.json``).
+    #: The training run's hyper-parameters (a subset of ``train_config.json``), as ``release`` copies them;
+    #: not the recipe file's path, which a run records as ``recipe_file``.
     recipe: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from chestxray import __version__
 from chestxray.layout import WEIGHTS_ENV, CheckpointError, default_data_root, weights_dir
+from chestxray.sources import SOURCES
 
 log = logging.getLogger("chestxray")
 
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--labels", help="label CSV (NIH layout, or one 0/1/blank column per label)")
     ev.add_argument("--images", help="folder the CSV's image names are relative to (default: the CSV's)")
     ev.add_argument("--source", action="append", help="shared-data source name instead (repeatable): "
-                                                      "nih384, nih64, kermany, covid, tbx11k")
+                                                      + ", ".join(SOURCES))
     ev.add_argument("--data-root", default=default_data_root(), help=data_help)
     ev.add_argument("--split", help="only images this checkpoint's splits.csv puts in SPLIT (e.g. test)")
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")

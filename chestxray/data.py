@@ -26,46 +26,18 @@ import torch.nn.functional as F
 from chestxray.cache import (CachedImages, RawXrayDataset, XrayDataset,  # noqa: F401 (re-exports)
                              batch_augment, build_cache)
 from chestxray.labels import NO_FINDING, PROXIES, canonical, parse_findings
+from chestxray.sources import SOURCES
 
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("path", "patient", "source", "cohort", "view")
 SPLITS = ("train", "val", "test")
 
-#: Shared-data sources: paths relative to the data root. ``patient_prefix`` is the patient
-#: namespace: NIH folders share it because the same patients (even the same images) appear in
-#: several of them, and a split must keep them together.
-SOURCES: dict[str, dict] = {
-    # NIH annotates every label it can answer from its findings: its 14 findings, No Finding, the
-    # Mass/Nodule proxy, and "no" to COVID-19 (films of 1992-2015, before the pandemic) and to
-    # Tuberculosis (not among its findings; the nih14-tb convention). Lung Opacity is the RSNA
-    # radiologists' reading in ``rsna_class``: unknown where RSNA did not read the film.
-    "nih384": dict(csv="nih/images_384/labels.csv", images="nih/images_384", annotated=None,
-                   patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
-    "nih64": dict(csv="nih/images_64/labels.csv", images="nih/images_64", annotated=None,
-                  patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
-    "nih_full_res": dict(csv="nih/full_res/labels.csv", images="nih/full_res", annotated=None,
-                         patient_prefix="nih", diagnosis_cols={"Lung Opacity": "rsna_class"}),
-    "kermany": dict(csv="kermany/labels.csv", images="kermany", annotated=["Pneumonia", NO_FINDING],
-                    patient_prefix="kermany"),
-    # COVID-19 comes from the collection's own diagnosis column: its other pneumonias (SARS,
-    # bacterial, ...) and its few normal films are COVID-19 negatives.
-    "covid": dict(csv="covid/labels.csv", images="covid/images", annotated=["Pneumonia", NO_FINDING],
-                  patient_prefix="covid", diagnosis_cols={"COVID-19": "original_finding"}),
-    # TBX11K has no patient column: one image is taken as one patient (noted in the manifest).
-    # Only its tuberculosis films are here (active and latent alike are Tuberculosis positives).
-    "tbx11k": dict(csv="tbx11k/labels.csv", images="tbx11k/images", annotated=["Tuberculosis"],
-                   patient_prefix="tbx11k"),
-}
-
 
 def default_sources(data_root: str | os.PathLike) -> dict[str, dict]:
-    """Returns ``{name: read_manifest kwargs (without labels)}`` for the shared data folder."""
-    root = Path(data_root)
-    return {name: dict(csv_path=str(root / s["csv"]), images_dir=str(root / s["images"]), source=name,
-                       annotated=s["annotated"], patient_prefix=s["patient_prefix"],
-                       diagnosis_cols=dict(s.get("diagnosis_cols", {})))
-            for name, s in SOURCES.items()}
+    """Returns ``{name: read_manifest kwargs (without labels)}`` for the shared data folder
+    (the sources of :data:`chestxray.sources.SOURCES`)."""
+    return {name: s.reader_options(name, data_root) for name, s in SOURCES.items()}
 
 
 def _existing(paths: Sequence[str]) -> np.ndarray:

@@ -22,15 +22,16 @@ from tqdm import tqdm
 
 from chestxray.calibration import N_BINS, brier_score, expected_calibration_error
 from chestxray.imaging import ImageReadError, read_image
+from chestxray.layout import default_data_root
 from chestxray.metrics import evaluate_predictions, flags_on_normal_films, to_json
 from chestxray.plots import plot_confusion_matrices, plot_reliability, plot_roc_curves
 from chestxray.predictor import Predictor
+from chestxray.sources import HEADLINE_GROUP
 
 log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.csv"
-#: NIH's label-balanced films (every finding has positives, and abnormal films among its
-#: negatives): the fair test of the 14 findings, always reported as a group of its own.
-BALANCED_COHORT = "reproduce_chexnet"
+#: The fair test of the 14 findings, always reported as a group of its own (see :mod:`chestxray.sources`).
+BALANCED_COHORT = HEADLINE_GROUP
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[str], batch_size: int = 16,
@@ -194,7 +195,7 @@ def has_boxes(data_root: str | os.PathLike) -> bool:
 
 
 def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None = None, images: str | None = None,
-             sources: Sequence[str] = (), data_root: str = "../shared/data", split: str | None = None,
+             sources: Sequence[str] = (), data_root: str | None = None, split: str | None = None,
              n_boot: int = 1000, progress: bool = True, localize: bool = True) -> dict[str, Any]:
     """The ``evaluate`` command: a label CSV + image folder, or shared-data sources by name.
 
@@ -202,7 +203,7 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
         model: model reference (shipped name, folder, ``hf-hub:``).
         out_dir: where metrics.json and the plots go.
         labels_csv, images: a label file (NIH layout or one 0/1/blank column per label) and its folder.
-        sources: shared-data source names (see :data:`chestxray.data.SOURCES`) instead.
+        sources: shared-data source names (see :data:`chestxray.sources.SOURCES`) instead.
         split: keep only the images the checkpoint's ``splits.csv`` puts in this split (e.g. "test").
         localize: also play the pointing game on the boxed NIH films of ``data_root`` outside the model's
             training split (:func:`chestxray.localization.held_out_pointing_game`), when the box files are there.
@@ -210,6 +211,7 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
     from chestxray.data import load_sources, read_manifest
 
     predictor = Predictor.load(model)
+    data_root = data_root or default_data_root()
     if labels_csv:
         df = read_manifest(labels_csv, images or Path(labels_csv).parent, predictor.labels,
                            source=Path(images or Path(labels_csv).parent).name, missing="drop")

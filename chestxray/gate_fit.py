@@ -32,6 +32,7 @@ from chestxray.gate import STAT_NAMES, Gate, Gaussian, model_fingerprint, pixel_
 from chestxray.imaging import ImageReadError, XrayImage, read_image
 from chestxray.labels import get_label_set
 from chestxray.predictor import Predictor
+from chestxray.sources import source_names
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def chest_manifest(model_dir: str | os.PathLike, data_root: str | os.PathLike,
     sources in ``extra_sources`` that the run did not use get their own patient split."""
     import pandas as pd  # (pandas and the data sources: only fitting from the shared data needs them)
 
-    from chestxray.data import SOURCES, load_sources, patient_split
+    from chestxray.data import load_sources, patient_split
 
     labels = get_label_set("nih14")
     folder = Path(model_dir).resolve()
@@ -302,7 +303,7 @@ def chest_manifest(model_dir: str | os.PathLike, data_root: str | os.PathLike,
         df = pd.read_csv(found[0], usecols=["path", "patient", "source", "split"])
         df["from"] = f"run manifest {found[0]}"  # (the path is printed, not stored in the gate)
     else:
-        names = [s for s in SOURCES if s != "nih_full_res"]
+        names = source_names(include_repeats=False)  # every film once
         df = load_sources(names, data_root, labels, missing="drop")
         df["split"] = patient_split(df, seed=seed, stratify_by=[])
         df = df[["path", "patient", "source", "split"]].assign(**{"from": "patient split"})

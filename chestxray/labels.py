@@ -1,8 +1,8 @@
 """Label sets: named, ordered lists of findings that travel with each checkpoint.
 
 A label set is data, not code: the checkpoint's ``config.json`` stores the label names, and the
-names below are only the sets a user can ask for by name when training. The plain names of the
-evaluation groups (data sources and cohorts) that label metrics are reported by live here too.
+names below are only the sets a user can ask for by name when training. (The data sources and how
+each annotates these labels: :mod:`chestxray.sources`.)
 """
 from __future__ import annotations
 
@@ -27,24 +27,13 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "covid": ("COVID-19", "Pneumonia", NO_FINDING),
     "lung-opacity": ("Lung Opacity",),
     # The labels of the classifier this project started from, each trained from the data we have
-    # (issue 10; how each source annotates them: chestxray/data.py SOURCES).
+    # (issue 10; how each source annotates them: chestxray/sources.py).
     "six": ("Pneumonia", "Tuberculosis", "COVID-19", "Lung Opacity", LUNG_CANCER_PROXY, NO_FINDING),
 }
 
 #: Labels defined as "any of these findings" in a source's findings list (a film with Mass or
 #: Nodule is a proxy positive; a film whose findings name neither is a proxy negative).
 PROXIES: dict[str, tuple[str, ...]] = {LUNG_CANCER_PROXY: ("Mass", "Nodule")}
-
-#: Plain names of the evaluation groups (sources and cohorts) for cards, tables and the app.
-GROUP_NAMES: dict[str, str] = {
-    "reproduce_chexnet": "NIH, label-balanced films (reproduce_chexnet sample)",
-    "darkcovidnet": "NIH, No Finding / Pneumonia sample (darkcovidnet)",
-    "nih384": "NIH, all 384-px test films (mixed)",
-    "nih64": "NIH, 64-px films",
-    "kermany": "Kermany pediatric (children)",
-    "covid": "COVID-19 image collection",
-    "tbx11k": "TBX11K tuberculosis",
-}
 
 # Spellings seen in public label files, mapped to the names used here.
 ALIASES: dict[str, str] = {

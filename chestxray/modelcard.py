@@ -12,7 +12,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from chestxray.ckpt_config import CkptMeta, Training
-from chestxray.labels import GROUP_NAMES, PROXIES
+from chestxray.labels import PROXIES
+from chestxray.sources import COLLECTIONS, GROUP_NAMES, collection_of, collections
 
 DISCLAIMER = ("Research and education only. Not a medical device; not for diagnosis, triage or any "
               "clinical decision.")
@@ -20,19 +21,6 @@ CHEXNET = "CheXNet (Rajpurkar et al., 2017): 0.841 mean AUROC over 14 findings, 
 TASK = "Multi-label chest X-ray classification"
 TAGS = ["image-classification", "timm", "chest-x-ray", "medical-imaging", "multi-label"]
 
-#: The public collection each training source / test group is a sample of.
-COLLECTION = {"nih384": "nih", "nih64": "nih", "reproduce_chexnet": "nih", "darkcovidnet": "nih",
-              "kermany": "kermany", "covid": "covid", "tbx11k": "tbx11k"}
-#: Per collection: its Hub dataset id (a public copy of the same collection; None where none is named),
-#: a display name, and the terms of its images (from the data's README).
-DATASETS: dict[str, tuple[str | None, str, str]] = {
-    "nih": ("alkzar90/NIH-Chest-X-ray-dataset", "NIH ChestX-ray14",
-            "unrestricted use; cite Wang et al., CVPR 2017, and acknowledge the NIH Clinical Center"),
-    "kermany": ("hf-vision/chest-xray-pneumonia", "Kermany et al. pediatric chest X-rays (Cell 2018)", "CC BY 4.0"),
-    "covid": (None, "COVID-19 image data collection (Cohen et al., 2020)",
-              "a licence per image (its `license` column); many are non-commercial"),
-    "tbx11k": (None, "TBX11K (Liu et al., CVPR 2020)", "CC BY 4.0"),
-}
 RSNA_TERMS = ("RSNA pneumonia-challenge readings of NIH films (Shih et al., 2019), the source of the Lung Opacity "
               "label: research, non-commercial")
 
@@ -47,12 +35,6 @@ def _ci(ci: list | None) -> str:
     return f" ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
-def _collections(groups: list[str]) -> list[str]:
-    """The collections (keys of :data:`DATASETS`, in its order) that ``groups`` sample."""
-    seen = {COLLECTION[g] for g in groups if g in COLLECTION}
-    return [c for c in DATASETS if c in seen]
-
-
 def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str | None = None) -> list[EvalResult]:
     """Hub eval results on the test split: mean AUROC on the headline and mixed groups, then per-label AUROC on
     the headline group. Groups whose collection has no Hub dataset id are left out (``model-index`` needs one)."""
@@ -60,7 +42,8 @@ def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str 
     means, per_label = [], []
     for g in dict.fromkeys(x for x in (headline_group, mixed_group) if x):
         m = groups.get(g, metrics if g == headline_group else {})
-        hub_id, title, _ = DATASETS.get(COLLECTION.get(g, ""), (None, "", ""))
+        coll = COLLECTIONS.get(collection_of(g) or "")
+        hub_id, title = (coll.hub_id, coll.title) if coll else (None, "")
         if hub_id is None or m.get("mean_auroc") is None:
             continue
 
@@ -81,7 +64,7 @@ def card_data(name: str, meta: CkptMeta, metrics: dict[str, Any], headline_group
               mixed_group: str | None = None) -> ModelCardData:
     """The card's front matter: licence, training datasets (Hub ids), metric ids and ``model-index``."""
     sources = (meta.training or Training()).sources or list(metrics.get("sources", []))
-    datasets = [hub for c in _collections(sources) if (hub := DATASETS[c][0])]
+    datasets = [hub for c in collections(sources) if (hub := COLLECTIONS[c].hub_id)]
     results = eval_results(metrics, headline_group, mixed_group)
     return ModelCardData(model_name=name, library_name="timm", license="apache-2.0",
                          pipeline_tag="image-classification", tags=TAGS, datasets=datasets or None,
@@ -103,7 +86,7 @@ def usage_snippet(ref: str) -> str:
 def licence_lines(config: dict[str, Any], meta: CkptMeta, metrics: dict[str, Any]) -> list[str]:
     """Card lines: the weights' licence and the terms of each training collection's images."""
     sources = (meta.training or Training()).sources or list(metrics.get("sources", []))
-    terms = [f"- {DATASETS[c][1]}: {DATASETS[c][2]}." for c in _collections(sources)]
+    terms = [f"- {COLLECTIONS[c].title}: {COLLECTIONS[c].terms}." for c in collections(sources)]
     if "Lung Opacity" in config.get("label_names", []):
         terms.append(f"- {RSNA_TERMS}.")
     return ["The weights and code are released under Apache-2.0. The training images are not distributed with "
@@ -355,6 +338,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
     n = train.n_images
     mixed = groups.get(mixed_group or "", {})
     size = config["pretrained_cfg"]["input_size"][-1]
+    seen = [*train.sources, *metrics.get("sources", [])]  # the sources it was trained or tested on
+    sites = [COLLECTIONS[c].title for c in collections(seen)]
     pretrained = bool(train.pretrained) and "ImageNet" in (train.initialised_from or "ImageNet")
     lines = [
         f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
@@ -416,9 +401,10 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "## Limitations and known failure modes", "",
         "- **Label noise**: NIH labels were mined from reports by NLP; expert audits found many wrong "
         "(Oakden-Rayner, 2017). AUROCs on them are noisy in both directions.",
-        "- **Site and age confounding**: pediatric (Kermany) and COVID-19 images come from other hospitals and "
-        "almost all carry one label; a model can learn the source instead of the disease. Their per-source "
-        "AUROCs (often high) say little about adult NIH films.",
+        *([f"- **Site confounding**: the films come from {len(sites)} collections ({'; '.join(sites)}), each "
+           "from other hospitals, and most sources annotate only a few labels; a model can learn the source "
+           "instead of the disease. A source's own AUROCs (often high) say little about the others' films."]
+          if len(sites) > 1 else []),
         f"- **Small training set**: a few thousand images at {size} px"
         f"{'' if pretrained else ', from scratch'}. Small findings (Nodule, Mass, Pneumothorax) are near chance; "
         "treat every output as illustrative.",
@@ -449,10 +435,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
     for title, body in (extra_sections or {}).items():
         lines += [f"## {title}", "", body.strip(), ""]
     lines += ["## Licence", "", *licence_lines(config, meta, metrics), "",
-              "## Citation and data", "",
-              "NIH ChestX-ray14: Wang et al., ChestX-ray8, CVPR 2017; images courtesy of the NIH Clinical Center. "
-              "Kermany et al., Cell 2018 (CC BY 4.0). COVID-19 image data collection, Cohen et al. 2020 "
-              "(per-image licences).", ""]
+              "## Citation and data", "", " ".join(COLLECTIONS[c].citation for c in collections(seen)), ""]
     front = card_data(name, meta, metrics, headline_group, mixed_group).to_yaml()
     card = ModelCard(f"---\n{front}\n---\n\n" + "\n".join(lines))  # parsing it back validates the model-index
     path = folder / "README.md"

@@ -25,6 +25,9 @@ class ArchSpec:
     extra_args: tuple[tuple[str, object], ...] = ()  # fixed creation kwargs
 
 
+#: Every architecture the toolkit can build, train and explain. The shipped ones are those with a recipe
+#: (``train/configs/<arch>.yaml``, :func:`chestxray.recipes.shipped_recipes`): adding an architecture is
+#: an entry here plus its recipe.
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec("layer4"),
     "efficientnet_b0": ArchSpec("bn2"),
@@ -39,11 +42,6 @@ ARCHS: dict[str, ArchSpec] = {
     "resnet10t": ArchSpec("layer4"),
     "test_efficientnet": ArchSpec("bn2"),
 }
-
-#: The five product architectures, in the order the app lists them.
-PRODUCT_ARCHS: tuple[str, ...] = (
-    "resnet18", "efficientnet_b0", "efficientnet_b2", "mobilenetv2_100", "swin_tiny_patch4_window7_224",
-)
 
 
 def arch_spec(arch: str) -> ArchSpec:

@@ -25,9 +25,9 @@ import yaml
 from chestxray import hub
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
 from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num
-from chestxray.labels import GROUP_NAMES
 from chestxray.layout import MODELS_ENV, models_file  # noqa: F401 (MODELS_ENV re-exported)
 from chestxray.predictor import Predictor
+from chestxray.sources import GROUP_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 from chestxray.calibration import fit_temperatures, nll
 from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, half_state, load_folder, own_provenance, weights_dir
 from chestxray.ckpt_config import Calibration, CkptMeta, ReleaseMetrics, Training
-from chestxray.evaluate import BALANCED_COHORT, SPLITS_FILE, evaluate_manifest, predict_paths, select_split
+from chestxray.evaluate import SPLITS_FILE, evaluate_manifest, predict_paths, select_split
 from chestxray.gate import GATE_FILE
 from chestxray.gate_fit import fit_from_folder, format_rows
 from chestxray.localization import card_section as localization_card_section
@@ -44,13 +44,12 @@ from chestxray.metrics import mean_auroc, to_json
 from chestxray.modelcard import write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
+from chestxray.recipes import upgrade_run_config
+from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP
 
 log = logging.getLogger(__name__)
-#: The headline: NIH's label-balanced films (every finding has positives and abnormal negatives).
-HEADLINE = BALANCED_COHORT
-#: Beside it, all NIH test films at 384 px: mostly No Finding / Pneumonia, so a model that only
-#: tells normal from abnormal scores high there.
-MIXED = "nih384"
+#: The headline group and the one shown beside it (see :mod:`chestxray.sources`).
+HEADLINE, MIXED = HEADLINE_GROUP, MIXED_GROUP
 
 
 def _half_copy(src: Path, dst: Path) -> None:
@@ -136,7 +135,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     """Builds ``<dest_root>/<name>`` from ``<run_dir>/best`` (see the module docstring)."""
     run = Path(run_dir)
     best = run / "best"
-    train_cfg = json.loads((run / "train_config.json").read_text())
+    train_cfg = upgrade_run_config(json.loads((run / "train_config.json").read_text()))
     manifest = pd.read_csv(run / "manifest.csv")
     dest = Path(dest_root or weights_dir()) / name
     tmp = dest.with_name(dest.name + ".tmp")
@@ -220,9 +219,9 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         extra["Where the heatmap points"] = localization_card_section(loc)
     extra["Reproduce"] = (
         "```bash\n"
-        + (f"chestxray train --config {train_cfg['recipe']}\n" if train_cfg.get("recipe") else
+        + (f"chestxray train --config {train_cfg['recipe_file']}\n" if train_cfg.get("recipe_file") else
            f"bash train/train_all.sh {train_cfg['arch']}   # recipe: train/configs/{train_cfg['arch']}.yaml\n")
-        + f"python -m chestxray evaluate --model {name} --data-root ../shared/data "
+        + f"python -m chestxray evaluate --model {name} "
         + " ".join(f"--source {s}" for s in sorted(test['source'].unique()))
         + f" --split test --out eval/{name}\n"
         + f"python -m chestxray recard weights/{name} --data-root ../shared/data   # this card, from the folder\n```")

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import yaml
 
+from chestxray.models import ARCHS
+from chestxray.recipes import load_recipe
+from chestxray.sources import SOURCES
 from chestxray.training import TrainConfig
 
 #: Help text of every TrainConfig field (the default is appended). A field missing here still gets a
 #: flag; tests/test_install.py asks for an entry so that no option is left unexplained.
 HELP = {
-    "arch": "timm architecture (resnet18, efficientnet_b0, efficientnet_b2, mobilenetv2_100, "
-            "swin_tiny_patch4_window7_224, ...)",
+    "arch": f"timm architecture ({', '.join(ARCHS)})",
     "labels": "label set name (nih14) or comma-separated label names",
-    "sources": "shared-data sources to train on (nih384, nih64, kermany, covid, tbx11k)",
+    "sources": f"shared-data sources to train on ({', '.join(SOURCES)})",
     "data_root": "folder of the shared data sources",
     "csv": "your own label CSV instead of the shared sources (NIH layout or one 0/1/blank column per label)",
     "images": "folder the --csv image names are relative to (default: the CSV's folder)",
@@ -65,7 +67,7 @@ HELP = {
     "max_steps": "stop after this many optimizer steps (smoke tests; 0 = no limit)",
     "eval_boot": "bootstrap resamples for the final evaluation's confidence intervals",
     "push_to_hub": "release the best checkpoint and upload it to this Hub repo (org/name) at the end",
-    "recipe": "the recipe's path, recorded for the model card's 'Reproduce' line (set by --config)",
+    "recipe_file": "the recipe's path, recorded for the model card's 'Reproduce' line (set by --config)",
 }
 
 EPILOG = """examples:
@@ -104,22 +106,13 @@ def build_parser(prog: str = "chestxray train") -> argparse.ArgumentParser:
     return p
 
 
-def load_yaml(path: Path) -> dict:
-    """Reads a recipe; a ``base:`` key names a recipe (relative to this one) that it extends."""
-    loaded = yaml.safe_load(path.read_text()) or {}
-    base = loaded.pop("base", None)
-    values = load_yaml(path.parent / base) if base else {}
-    values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    return values
-
-
 def resolve_config(argv: Sequence[str] | None = None, prog: str = "chestxray train") -> TrainConfig:
     """Defaults < YAML < flags."""
     args = build_parser(prog).parse_args(argv)
     values: dict = {}
     if args.config:
-        values.update(load_yaml(Path(args.config)))
-        values["recipe"] = Path(args.config).as_posix()
+        values.update(load_recipe(args.config))
+        values["recipe_file"] = Path(args.config).as_posix()
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     return TrainConfig.from_dict(values)
 

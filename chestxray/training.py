@@ -31,8 +31,10 @@ from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment,
                             parse_cohort_fracs, pos_weights, read_manifest, split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
+from chestxray.layout import default_data_root
 from chestxray.metrics import choose_threshold, mean_auroc
 from chestxray.models import create_model
+from chestxray.recipes import upgrade_run_config
 from chestxray.transforms import GRAY_MEAN, GRAY_STD, normalize
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class TrainConfig:
     arch: str = "mobilenetv2_100"
     labels: str = "nih14"
     sources: list[str] = field(default_factory=lambda: ["nih384", "nih64"])
-    data_root: str = "../shared/data"
+    data_root: str = field(default_factory=default_data_root)  # $CHESTXRAY_DATA, else shared/data beside the checkout
     csv: str | None = None  # a custom label CSV instead of shared sources (with --images)
     images: str | None = None
     source_caps: list[str] = field(default_factory=list)  # e.g. ["kermany=500"]: at most N training images
@@ -86,11 +88,13 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = no limit
     eval_boot: int = 1000
     push_to_hub: str | None = None
-    recipe: str | None = None  # the YAML file this run was configured from (set by --config), for the card
+    recipe_file: str | None = None  # the YAML file this run was configured from (set by --config), for the card
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Builds a config, rejecting unknown keys (typos in YAML files fail loudly)."""
+        """Builds a config, rejecting unknown keys (typos in YAML files fail loudly); older runs' key names
+        are read too (:func:`chestxray.recipes.upgrade_run_config`)."""
+        d = upgrade_run_config(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

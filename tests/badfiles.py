@@ -19,7 +19,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-DATA = Path(os.environ.get("CHESTXRAY_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from chestxray.layout import default_data_root
+
+DATA = Path(default_data_root())
 NIH_IMAGE = "nih/images_384/00000075_000.png"
 KERMANY_JPEG = "kermany/train/NORMAL/IM-0115-0001.jpeg"
 CHEST_CR = "dicom/pydicom_RG1_UNCR_chest_CR.dcm"

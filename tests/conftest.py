@@ -13,11 +13,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from chestxray.layout import default_data_root  # noqa: E402
+
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The shared real data lies beside the checkout (read-only in CI).
-DATA = Path(os.environ.get("CHESTXRAY_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(default_data_root())  # $CHESTXRAY_DATA, else shared/data beside the checkout
 
 
 #: Every test that uses one of these fixtures is ``slow``: the fixture costs tens of seconds.
@@ -38,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Root of the shared real data (``../shared/data``)."""
+    """Root of the shared real data (:func:`chestxray.layout.default_data_root`)."""
     if not DATA.is_dir():
         pytest.fail(f"shared data not found at {DATA}; set CHESTXRAY_DATA")
     return DATA

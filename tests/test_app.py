@@ -449,3 +449,17 @@ def test_input_gate_warning_is_shown(served, data_dir, monkeypatch):
     csv_path, _ = client.predict([handle_file(str(data_dir / NIH_IMAGE))], "tiny_eff", api_name="/batch")
     with open(csv_path, newline="") as fh:
         assert next(csv.DictReader(fh))["warning"] == text
+
+
+def test_caption_carries_each_methods_note(env, data_dir):
+    """A method's caveat (the CAM table's ``note``, e.g. EigenCAM's) is shown with its map, and only with it."""
+    import app
+    from chestxray.cam import CAM_METHODS
+    from chestxray.predictor import Predictor
+
+    a = Predictor.load(env / "weights" / "tiny_res", device="cpu").analyze(data_dir / NIH_IMAGE)
+    notes = [n for n in {s.note for s in CAM_METHODS.values()} if n]
+    assert notes  # the table has at least one caveat to show
+    for method, spec in CAM_METHODS.items():
+        text = app.caption(a, "Effusion", method)
+        assert [n for n in notes if n in text] == ([spec.note] if spec.note else [])

@@ -7,10 +7,11 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from chestxray.cam import all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, upsample
+from chestxray.cam import CAM_METHODS, all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, upsample
 from chestxray.checkpoint import load_folder
-from chestxray.models import PRODUCT_ARCHS, arch_spec, classifier_weight, create_model, features_and_logits, target_layer
-from chestxray.predictor import Predictor
+from chestxray.models import arch_spec, classifier_weight, create_model, features_and_logits, target_layer
+from chestxray.predictor import Predictor, as_pixels
+from chestxray.recipes import shipped_recipes
 from tests.helpers import make_checkpoint
 
 SIZE = 128  # 4x4 final maps for every arch: small, but not degenerate
@@ -24,8 +25,9 @@ def xray(data_dir):
 
 
 def _archs(fast: str) -> list:
-    """PRODUCT_ARCHS with all but ``fast`` marked slow (full-size networks take seconds each on CPU)."""
-    return [a if a == fast else pytest.param(a, marks=pytest.mark.slow) for a in PRODUCT_ARCHS]
+    """The shipped architectures (one recipe each) with all but ``fast`` marked slow (full-size networks take
+    seconds each on CPU)."""
+    return [a if a == fast else pytest.param(a, marks=pytest.mark.slow) for a in shipped_recipes()]
 
 
 @pytest.mark.parametrize("arch", _archs("resnet18"))
@@ -56,15 +58,27 @@ def test_fast_cam_equals_pytorch_grad_cam(arch, xray):
 
 
 @pytest.mark.slow  # a full-size Swin
-def test_swin_cam_without_reshape_would_be_wrong():
-    """The NHWC trap: Swin's final features are B,H,W,C; reading them as NCHW scrambles the map."""
+def test_swin_cam_without_reshape_would_be_wrong(xray):
+    """The NHWC trap: Swin's final features are B,H,W,C. Read as NCHW (pytorch-grad-cam without the reshape)
+    the map is scrambled; with the reshape it equals the one-forward map, which permutes them first."""
     torch.manual_seed(0)
     arch = "swin_tiny_patch4_window7_224"
-    model = create_model(arch, 3, img_size=SIZE).eval()
-    raw = model.forward_features(torch.randn(1, 1, SIZE, SIZE))
-    assert raw.shape == (1, SIZE // 32, SIZE // 32, model.num_features)
-    feats, _ = features_and_logits(model, torch.randn(1, 1, SIZE, SIZE), arch)
-    assert feats.shape == (1, model.num_features, SIZE // 32, SIZE // 32)
+    model = create_model(arch, 15, img_size=SIZE).eval()
+    from chestxray.transforms import Preprocess
+
+    x = Preprocess((1, SIZE, SIZE))(xray)
+    raw = model.forward_features(x)
+    assert raw.shape == (1, SIZE // 32, SIZE // 32, model.num_features)  # channels last, as timm gives them
+    with torch.no_grad():
+        feats, _ = features_and_logits(model, x, arch)
+    fast = minmax(torch.from_numpy(upsample(all_label_cams(feats, classifier_weight(model)[0])[0], (SIZE, SIZE))))
+    k = next(k for k in range(15) if fast[k].max() > 0)
+    maps = {}
+    for name, reshape in (("right", nhwc_to_nchw), ("wrong", None)):
+        with GradCAM(model=model, target_layers=[target_layer(model, arch)], reshape_transform=reshape) as cam:
+            maps[name] = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]
+    corr = {n: np.corrcoef(fast[k].numpy().ravel(), m.ravel())[0, 1] for n, m in maps.items()}
+    assert corr["right"] > 0.999 and not corr["wrong"] > 0.9, corr
 
 
 @pytest.mark.parametrize("arch", _archs("resnet18"))
@@ -134,7 +148,8 @@ def test_probability_scale_is_fainter_for_low_p(xray):
     minmax_map, low, high = strength(cam), strength(scale_map(cam, "probability", 0.05)), \
         strength(scale_map(cam, "probability", 0.9))
     assert low < 0.1 * minmax_map and low < 0.2 * high < high <= minmax_map
-    assert set(SCALES) == {"minmax", "probability"}
+    for name in SCALES:  # every scale the app offers is one scale_map draws, at most as strong as min-max
+        assert strength(scale_map(cam, name, 0.05)) <= minmax_map
     with pytest.raises(ValueError):
         scale_map(cam, "log", 0.5)
 
@@ -163,9 +178,30 @@ def test_analysis_overlay_is_the_one_rendering_path(tmp_path, data_dir):
     assert a.overlay(label, 0.5, colorbar=True).shape[1] > a.image.shape[1]
 
 
-def test_every_cam_method_has_one_title_the_app_shows():
-    from chestxray.cam import FAST_METHODS, METHOD_TITLES, METHODS
+@pytest.fixture(scope="module")
+def tiny_predictor(tmp_path_factory):
+    return Predictor(load_folder(make_checkpoint(tmp_path_factory.mktemp("cams") / "tiny", arch="resnet10t",
+                                                 img_size=64, seed=1)), device="cpu")
 
-    assert list(METHOD_TITLES) == list(METHODS)  # same methods, same menu order
-    assert all("(fast)" in METHOD_TITLES[m] for m in FAST_METHODS)
-    assert not any("(fast)" in t for m, t in METHOD_TITLES.items() if m not in FAST_METHODS)
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "scorecam" else m
+                                    for m in CAM_METHODS])  # Score-CAM: one forward pass per channel
+def test_every_registered_cam_method_explains_a_real_film(method, tiny_predictor, data_dir):
+    """Each entry of the one table runs through the predictor on a real film and keeps its promises: a map at
+    the model's input size in [0,1] for the chosen label; a label-free method gives every label the same map
+    (its note says so), the others tell labels apart; a "fast" method is the stored one-forward map and agrees
+    with pytorch-grad-cam's own class for it."""
+    spec = CAM_METHODS[method]
+    pred = tiny_predictor
+    film = data_dir / "nih/images_384/00000100_000.png"
+    maps = {k: pred.explain(film, k, method=method) for k in ("Effusion", "Cardiomegaly")}
+    for m in maps.values():
+        assert m.shape == pred.preprocess.size and np.isfinite(m).all() and 0.0 <= m.min() and m.max() <= 1.0
+    same = all(np.allclose(maps["Effusion"], m, atol=1e-5) for m in maps.values())
+    assert same == ("ignores the label" in spec.note), "label-free methods and only they say so"
+    assert ("(fast)" in spec.title) == spec.fast
+    if spec.fast:  # the stored map stands for pytorch-grad-cam's class: check that it does
+        k = pred.labels.index("Effusion")
+        x = pred.preprocess(as_pixels(film))
+        slow = method_cam(pred.model, pred.arch, x, k, method)
+        assert np.corrcoef(maps["Effusion"].ravel(), slow.ravel())[0, 1] > 0.99

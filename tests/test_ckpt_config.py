@@ -19,6 +19,8 @@ def test_shipped_blocks_read_and_round_trip(name):
     config = json.loads((folder / "config.json").read_text())
     assert meta.label_set in ("nih14", "six") and list(meta.thresholds) == config["label_names"]
     assert meta.training is not None and meta.training.val_mean_auroc is not None and meta.training.sources
+    # `training.recipe` is the run's knobs (not the recipe file's path, which runs call `recipe_file`)
+    assert meta.training.recipe["arch"] == config["architecture"] and "recipe_file" not in meta.training.extra
     m = meta.metrics
     assert m is not None and m.split == "test" and m.headline_group in m.mean_auroc
     assert m.groups()[0] == m.headline_group and m.ci(m.headline_group)

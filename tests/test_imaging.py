@@ -22,7 +22,7 @@ from chestxray.imaging import (
     read_image,
     to_uint8,
 )
-from tests.badfiles import BAD, CHEST_CR, GOOD, NIH_IMAGE, PRIVACY_MARKERS
+from tests.badfiles import BAD, CHEST_CR, GOOD, KERMANY_JPEG, NIH_IMAGE, PRIVACY_MARKERS
 
 J2K_CR = "dicom/pydicom_RG1_J2KI_chest_CR_jpeg2000.dcm"
 
@@ -48,9 +48,22 @@ def nih_small(data_dir) -> np.ndarray:
     return np.asarray(Image.open(data_dir / NIH_IMAGE).convert("L").resize((128, 128)), np.float32) / 255
 
 
-def test_constants():
-    assert MAX_FILE_BYTES == 64 * 2**20 and MAX_PIXELS == 40_000_000
-    assert {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".gif", ".webp"} <= set(SUPPORTED_EXTENSIONS)
+def test_size_limits_refuse_before_decoding_and_real_films_pass_them(chest_cr, data_dir):
+    """The default limits pass the largest real film here (a 1955 x 1841 DICOM, 7 MB); a limit just under a
+    real file's size or pixel count refuses it with a one-line error. Every real film's suffix is one the
+    folder walk accepts, and importing the reader leaves PIL's truncated-file switch off."""
+    path = data_dir / CHEST_CR
+    size, pixels = path.stat().st_size, chest_cr.pixels.size
+    assert size <= MAX_FILE_BYTES and pixels <= MAX_PIXELS and chest_cr.pixels.shape == (1955, 1841)
+    with pytest.raises(ImageReadError, match="file too large"):
+        read_image(path, max_bytes=size - 1)
+    with pytest.raises(ImageReadError, match="image too large"):
+        read_image(path, max_pixels=pixels - 1)
+    png = data_dir / NIH_IMAGE
+    with pytest.raises(ImageReadError, match="image too large"):
+        read_image(png.read_bytes(), max_pixels=read_image(png).pixels.size - 1)
+    films = [png, data_dir / KERMANY_JPEG, path, data_dir / "misc/16747_3_1.jpg"]
+    assert all(f.suffix.lower() in SUPPORTED_EXTENSIONS and read_image(f).pixels.ndim == 2 for f in films)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 

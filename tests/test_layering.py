@@ -15,9 +15,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "boxes", "layout", "ckpt_config",
-           "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained"}
+           "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained",
+           "sources"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
-           "plots", "gate_fit", "distill", "localization", "cli", "train_cli"}
+           "plots", "gate_fit", "distill", "localization", "cli", "train_cli", "recipes"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -120,3 +121,20 @@ def test_the_checker_sees_hidden_imports():
     found = {m for node in ast.walk(tree) for m in _imported(node, names)}
     assert found == {"gate", "__init__", "hub", "cam"}
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_readme_module_table_lists_every_module():
+    """README's "How it is built" names each module once (as `chestxray/x.py` or, in a row, `x.py`)."""
+    readme = (PKG.parent / "README.md").read_text()
+    table = readme[readme.index("## How it is built"):readme.index("Why the all-label CAM is exact")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = {name.removeprefix("chestxray/") for row in rows for name in row.split(" | ")[0].strip("| ").replace(
+        "`", "").split(", ")}
+    assert set(f"{m}.py" for m in _modules()) <= named, "add these modules to README's table"
+    assert not {n for n in named if n.endswith(".py") and "/" not in n} - {f"{m}.py" for m in _modules()} - {
+        "app.py", "setup.py"}, "README's table names modules that no longer exist"
+
+
+def test_no_module_is_over_500_lines():
+    long = {p.name: n for p in PKG.glob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}, f"split these modules: {long}"

@@ -81,6 +81,10 @@ def test_no_confounding_section_for_one_hospital(tiny_eval):
     card = write_model_card(folder, name="six-tiny", config=config, metrics=nih_only,
                             headline_group="nih384").read_text()
     assert "within each source" not in card and "Confounded with their source" not in card
+    # Prose from the model's sources: one collection cited, no site-confounding bullet for one hospital.
+    cites = card.split("## Citation and data")[1]
+    assert "Wang et al." in cites and "Kermany" not in cites and "Cohen" not in cites
+    assert "Site confounding" not in card
 
 
 def test_front_matter_is_a_valid_hub_card(tiny_eval):
@@ -107,6 +111,9 @@ def test_front_matter_is_a_valid_hub_card(tiny_eval):
     licence = text.split("## Licence")[1].split("\n## ")[0]
     assert "CC BY 4.0" in licence and "many are non-commercial" in licence and "NIH Clinical Center" in licence
     assert "RSNA" in licence  # the six-label set has Lung Opacity, read from RSNA's readings
+    cites = text.split("## Citation and data")[1]
+    assert all(k in cites for k in ("Wang et al.", "Kermany et al.", "Cohen et al.", "Liu et al."))
+    assert "the films come from 4 collections" in text  # NIH, Kermany, COVID-19 and TBX11K: four hospitals
 
 
 def test_headline_and_mixed_groups_are_both_in_the_model_index(tiny_eval):

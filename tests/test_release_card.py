@@ -31,8 +31,10 @@ def released(tmp_path_factory, data_dir):
     picks.to_csv(tmp / "labels.csv", index=False)
     df = read_manifest(tmp / "labels.csv", images, get_label_set("nih14"), source="nih384", missing="drop")
     df.assign(split="test").to_csv(run / "manifest.csv", index=False)
+    # A run saved before `recipe` (the recipe file's path) was renamed `recipe_file`: it still reads.
     (run / "train_config.json").write_text(json.dumps({"arch": "resnet10t", "img_size": 64, "epochs": 1,
-                                                       "seed": 0, "data_root": str(data_dir)}))
+                                                       "seed": 0, "data_root": str(data_dir),
+                                                       "recipe": "train/configs/tiny.yaml"}))
     return release(run, "tiny", dest_root=tmp / "weights", n_boot=20, fit_gate=False, progress=False,
                    localize=False, repo_id="someorg/cxr-tiny")
 
@@ -43,7 +45,8 @@ def test_release_writes_the_block_through_the_writer(released):
     assert m.headline_group == "reproduce_chexnet" and m.mixed_group == "nih384"
     assert m.groups()[:2] == ["reproduce_chexnet", "nih384"] and m.ci("reproduce_chexnet")
     assert m.n_test_images["reproduce_chexnet"] == N_IMAGES // 2 and m.float16_check["size_fp16_mb"] > 0
-    assert meta.training.recipe == {"arch": "resnet10t", "img_size": 64, "epochs": 1, "seed": 0}
+    assert meta.training.recipe == {"arch": "resnet10t", "img_size": 64, "epochs": 1, "seed": 0}  # the knobs
+    assert "chestxray train --config train/configs/tiny.yaml\n" in (released / "README.md").read_text()
     assert meta.training.val_sources == ["reproduce_chexnet"] and len(meta.thresholds) == 15
     cfg = json.loads((released / "config.json").read_text())
     assert "origin_url" not in cfg["pretrained_cfg"]

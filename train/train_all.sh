@@ -3,7 +3,7 @@
 # then evaluates each best checkpoint on its held-out test split and installs it in weights/.
 # The ImageNet-initialised EfficientNets come first: released, they are the teachers of the
 # other three (train/configs/student.yaml).
-# Usage: bash train/train_all.sh [arch ...]        (default: all five)
+# Usage: bash train/train_all.sh [arch ...]        (default: every train/configs/<arch>.yaml, teachers first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 # (two threads collapse when another process takes a core); set TRAIN_THREADS=2 on an idle machine.
 export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}}
 ARCHS=("$@")
-[ ${#ARCHS[@]} -gt 0 ] || ARCHS=(efficientnet_b0 efficientnet_b2 resnet18 mobilenetv2_100 swin_tiny_patch4_window7_224)
+[ ${#ARCHS[@]} -gt 0 ] || mapfile -t ARCHS < <("$PY" -m chestxray.recipes)
 for arch in "${ARCHS[@]}"; do
   if [ ! -f "runs/$arch/DONE" ]; then
     "$PY" train/train.py --config "train/configs/$arch.yaml" --resume true
