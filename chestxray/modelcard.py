@@ -6,6 +6,8 @@ saved.
 """
 from __future__ import annotations
 
+import csv
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,15 @@ def partial_labels_line(metrics: dict[str, Any]) -> str:
             "of the loss, never read as negative.") if parts else ""
 
 
+def split_counts(folder: Path) -> dict[str, int]:
+    """Images per split in the folder's ``splits.csv`` (empty when there is none)."""
+    path = folder / "splits.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return dict(Counter(row["split"] for row in csv.DictReader(f)))
+
+
 def _arrow(before: float | None, after: float | None) -> str:
     return f"{_fmt(before)} -> {_fmt(after)}"
 
@@ -305,8 +316,10 @@ def provenance(config: dict[str, Any]) -> list[str]:
 
 def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
                      headline_group: str, mixed_group: str | None = None,
-                     extra_sections: dict[str, str] | None = None, repo_id: str | None = None) -> Path:
-    """Writes ``README.md`` in a checkpoint folder.
+                     extra_sections: dict[str, str] | None = None, repo_id: str | None = None,
+                     splits: dict[str, int] | None = None) -> Path:
+    """Writes ``README.md`` in a checkpoint folder (``splits``: images per split, else the folder's
+    ``splits.csv``).
 
     Args:
         folder: the checkpoint folder (plots referenced relatively must already be there).
@@ -335,7 +348,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         per_source.append(f"| {GROUP_NAMES.get(g, g)} | {m['n_images']} | {_fmt(m.get('mean_auroc'))}"
                           f"{_ci(m.get('mean_auroc_ci'))} | {n_def} | "
                           f"{_fmt(m['labels'].get('Pneumonia', {}).get('auroc'))} | {_fmt(flags, 2)} |")
-    n = train.n_images
+    n = train.n_images  # what the trainer used: its validation set is the selection films only
+    split = splits or split_counts(Path(folder)) or n
     mixed = groups.get(mixed_group or "", {})
     size = config["pretrained_cfg"]["input_size"][-1]
     seen = [*train.sources, *metrics.get("sources", [])]  # the sources it was trained or tested on
@@ -382,9 +396,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
                                  x for x in (headline_group, mixed_group) if x)] + [("all", "all test films")]),
         "## Training data and split", "",
         f"- Sources: {', '.join(train.sources)} (see `splits.csv` for every image's split).",
-        f"- Split by patient (seed {train.seed}): {n.get('train', '?')} train / {n.get('val', '?')} val / "
-        f"{n.get('test', '?')} test images; no patient is in two splits.",
-        f"- Epoch and thresholds selected on the validation images of: "
+        f"- Split by patient (seed {train.seed}): {split.get('train', '?')} train / {split.get('val', '?')} val / "
+        f"{split.get('test', '?')} test images; no patient is in two splits.",
+        f"- Epoch and thresholds selected on the {n.get('val', '?')} validation images of: "
         f"{', '.join(train.val_sources) if isinstance(train.val_sources, list) else 'all sources'}; "
         f"best epoch {train.epoch} (validation mean AUROC {train.val_mean_auroc}).",
         *([partial] if (partial := partial_labels_line(metrics)) else []), "",

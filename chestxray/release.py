@@ -41,7 +41,7 @@ from chestxray.localization import card_section as localization_card_section
 from chestxray.localization import held_out_pointing_game
 from chestxray.localization import summary as localization_summary
 from chestxray.metrics import mean_auroc, to_json
-from chestxray.modelcard import write_model_card
+from chestxray.modelcard import split_counts, write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
 from chestxray.recipes import upgrade_run_config
@@ -401,7 +401,8 @@ def _write_card(dest: Path, folder: Path, name: str, cfg: dict[str, Any], metric
     extra = {k: extra[k] for k in sorted(extra, key=lambda k: k == "Reproduce")}  # Reproduce last
     hub = re.search(r'create_model\("hf-hub:([^"@]+)', old_card)
     write_model_card(dest, name=name, config=cfg, metrics=metrics, headline_group=headline, mixed_group=MIXED,
-                     extra_sections=extra, repo_id=repo_id or (hub.group(1) if hub else None))
+                     extra_sections=extra, repo_id=repo_id or (hub.group(1) if hub else None),
+                     splits=split_counts(folder))
     if default_section is not None:
         with (dest / "README.md").open("a") as f:
             f.write(f"\n## {DEFAULT_SECTION}\n\n{default_section}\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -159,3 +160,14 @@ def test_usage_snippet_runs_with_plain_timm(tiny_eval, tmp_path, monkeypatch, da
     expected = Predictor.load(folder, device="cpu").predict(str(film))
     assert list(scope["probs"]) == list(expected) == SIX
     assert scope["probs"] == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in (Path(__file__).parents[1] / "weights").iterdir()
+                                          if (p / "splits.csv").is_file()), ids=lambda p: p.name)
+def test_shipped_card_counts_its_split_from_splits_csv(folder):
+    # The trainer's own validation set is only the selection films (e.g. 98 balanced NIH films);
+    # the card's split line must count the whole split that splits.csv (and temperature scaling) uses.
+    counts = pd.read_csv(folder / "splits.csv")["split"].value_counts()
+    card = (folder / "README.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("- Split by patient"))
+    assert f"{counts['train']} train / {counts['val']} val / {counts['test']} test images" in line
