@@ -95,7 +95,7 @@ TITLE = "Chest X-ray findings: research demo"
 DISCLAIMER = """
 <div style="border:1px solid #d97706;border-radius:8px;padding:10px 14px;background:rgba(217,119,6,.08)">
 <b>Research demo: not a medical device, not for diagnosis or treatment decisions.</b>
-The probabilities are outputs of small models trained from scratch on a few thousand public images
+The probabilities are outputs of small models trained on a few thousand public images
 (NIH ChestX-ray14 and others, whose labels were mined from reports and are often wrong): they are not
 disease risks (where a model is temperature-calibrated, that only matches them to its validation films), and
 the models miss findings and flag normal films. Heatmaps show where a model looked,
