@@ -59,17 +59,24 @@ class Server:
             self.proc.kill()
 
 
-def start_app(env: dict[str, str] | None = None, timeout: float = 180.0, log_dir: Path | None = None) -> Server:
-    """Starts ``python app.py`` on a free loopback port and waits until it answers."""
+def start_app(env: dict[str, str] | None = None, timeout: float = 180.0, log_dir: Path | None = None,
+              app: Path | None = None) -> Server:
+    """Starts ``python app.py`` on a free loopback port and waits until it answers.
+
+    ``app``: another checkout's ``app.py`` (e.g. the main branch, for a before/after in one run); its
+    folder is put first on ``PYTHONPATH`` so that it runs with its own ``chestxray``.
+    """
     import urllib.request
 
+    app = Path(app or REPO / "app.py").resolve()
     port = free_port()
     log = Path(log_dir or "/tmp") / f"app_{port}.log"
     full_env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "PYTHONPATH": os.pathsep.join([str(app.parent), *filter(None, [os.environ.get("PYTHONPATH")])]),
                 **(env or {})}
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=full_env, stdout=f,
+        proc = subprocess.Popen([sys.executable, str(app)], cwd=app.parent, env=full_env, stdout=f,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
@@ -138,8 +145,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--queue", type=int, default=32, help="the app's queue max_size")
     ap.add_argument("--model", default=None, help="model name (default: the app's default)")
+    ap.add_argument("--app", default=None, help="another checkout's app.py (default: this one's)")
     args = ap.parse_args()
-    server = start_app({"CHESTXRAY_QUEUE": str(args.queue)})
+    server = start_app({"CHESTXRAY_QUEUE": str(args.queue)}, app=args.app)
     try:
         warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model)
         rss_warm = server.rss_mb()
@@ -156,7 +164,8 @@ def main() -> int:
     finally:
         server.stop()
     lat = sorted(res.latencies)
-    print(f"{args.clients} clients, {args.requests} requests ({args.warmup} warm-up), queue max_size {args.queue}\n")
+    print(f"{args.app or 'app.py'}: {args.clients} clients, {args.requests} requests ({args.warmup} warm-up), "
+          f"queue max_size {args.queue}\n")
     print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
           f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
