@@ -54,7 +54,10 @@ import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -63,7 +66,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from chestxray.boxes import describe as describe_boxes  # noqa: E402
-from chestxray.cam import CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
+from chestxray.cam import CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES, cam_at, colormap_lut, overlay  # noqa: E402
 from chestxray.checkpoint import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.predictor import Analysis  # noqa: E402
@@ -79,10 +82,18 @@ EXAMPLES_DIR = HERE / "examples"
 EXAMPLES = {"00001369_000.png": "Cardiomegaly", "00012628_000.png": "Effusion",
             "00001968_000.png": "Pneumothorax", "00000550_000.png": "No Finding"}
 
-if os.environ.get("CHESTXRAY_TORCH_THREADS"):  # e.g. 1 on a shared, oversubscribed CPU
+#: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model. On a CPU,
+#: one request per core (at most 4), each forward pass on cores // CONCURRENCY torch threads (1 on 2 cores): most
+#: of a request is single-threaded work (decoding, drawing, PNG, HTTP) that a second request overlaps, and
+#: OpenMP's two threads on two busy cores (16 clients, other processes) spin against each other: measured here
+#: under load, 62 ms per efficientnet_b0 forward on 1 thread against 490 ms on 2. Batching two requests' forwards
+#: on 1 thread gave no gain per image (89 ms each), so requests are not batched.
+CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CONCURRENCY = int(os.environ.get("CHESTXRAY_CONCURRENCY", 2 if torch.cuda.is_available() else min(4, CPU_CORES)))
+if os.environ.get("CHESTXRAY_TORCH_THREADS"):
     torch.set_num_threads(int(os.environ["CHESTXRAY_TORCH_THREADS"]))
-#: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model.
-CONCURRENCY = int(os.environ.get("CHESTXRAY_CONCURRENCY", 2 if torch.cuda.is_available() else 1))
+elif not torch.cuda.is_available():
+    torch.set_num_threads(max(1, CPU_CORES // CONCURRENCY))
 QUEUE_SIZE = int(os.environ.get("CHESTXRAY_QUEUE", 32))
 MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
 MAX_GALLERY = 8
@@ -255,6 +266,52 @@ def thumbnail(rgb: np.ndarray, side: int = GALLERY_SIDE) -> np.ndarray:
     return np.asarray(im)
 
 
+def thumbnail_size(shape: tuple[int, int], side: int = GALLERY_SIDE) -> tuple[int, int]:
+    """(H, W) of :func:`thumbnail`'s result for an image of ``shape`` (PIL's rounding)."""
+    h, w = shape
+    if max(h, w) <= side:
+        return h, w
+    im = Image.new("L", (w, h))
+    im.thumbnail((side, side))
+    return im.size[1], im.size[0]
+
+
+def gallery_thumbnail(analysis, label: str, alpha: float, side: int = GALLERY_SIDE) -> np.ndarray:
+    """The label's overlay drawn directly at thumbnail size: the same picture as
+    ``thumbnail(analysis.overlay(label, alpha))`` (``tests/test_app.py`` compares them) for a
+    ninth of the pixels: the film is downscaled once, the 7 x 7 map is upsampled to the small size."""
+    size = thumbnail_size(analysis.image.shape, side)
+    small = analysis.image if size == analysis.image.shape else np.asarray(
+        Image.fromarray(analysis.image.astype(np.float32)).resize(size[::-1], Image.Resampling.BILINEAR,
+                                                                             reducing_gap=None))
+    return overlay(small, cam_at(analysis.cams[analysis.labels.index(label)], size), alpha)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """A gray (H x W) or RGB (H x W x 3) uint8 array as PNG bytes, quickly: every row "Up"-filtered (one
+    vectorised subtraction) and deflated at level 1 with run-length matching. Lossless (PIL reads back
+    the same array; tests/test_app.py checks it), about as small as PIL's ``compress_level=1``, in
+    about half its time on these films and overlays."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"expected a gray or RGB image, got shape {arr.shape}")
+    h, w = arr.shape[:2]
+    rows = arr.reshape(h, -1)
+    raw = np.empty((h, rows.shape[1] + 1), np.uint8)
+    raw[:, 0] = 2  # filter type Up: each byte minus the byte above it (mod 256)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(raw) + deflate.flush()
+    color_type = 0 if arr.ndim == 2 else 2
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
+            + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b""))
+
+
 def _safe_cell(text: str) -> str:
     """Keeps spreadsheet programs from reading a file name as a formula."""
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
@@ -291,8 +348,8 @@ class OutputFiles:
 
     @staticmethod
     def png(rgb: np.ndarray, path: Path) -> str:
-        """Writes an RGB/gray uint8 array as PNG (fast compression: 7x quicker, ~20% larger) and returns the path."""
-        Image.fromarray(rgb).save(path, format="png", compress_level=1)
+        """Writes an RGB/gray uint8 array as PNG (:func:`encode_png`: fast, lossless) and returns the path."""
+        Path(path).write_bytes(encode_png(rgb))
         return str(path)
 
 
@@ -441,9 +498,16 @@ class Service(ViewerReport):
         self.registry = registry
         self.available = registry.available()
         self.default = registry.default()
+        #: Loads the default model (the others load on first use) while the page is built and served: start-up
+        #: does not wait for it, and a request that comes first waits on the registry's per-model lock.
+        self.warm = threading.Thread(target=self._warm_up, args=(load_default,), name="warm-up", daemon=True)
+        self.warm.start()
+
+    def _warm_up(self, load_default: bool) -> None:
+        colormap_lut()  # matplotlib's colormap, imported once here rather than in the first request
         if self.default and load_default:
             try:
-                registry.get(self.default)  # loaded at start; the others load on first use
+                self.registry.get(self.default)
             except Exception as err:  # noqa: BLE001 - the UI still starts and reports the error on use
                 log.error("could not load the default model %s: %s", self.default, err)
 
@@ -489,7 +553,7 @@ class Service(ViewerReport):
     @staticmethod
     def _gallery(analysis, alpha: float, folder: Path) -> list:
         probs = analysis.prob_dict()
-        return [(OUT.png(thumbnail(analysis.overlay(k, alpha)), folder / f"above_{_file_stem(k)}.png"),
+        return [(OUT.png(gallery_thumbnail(analysis, k, alpha), folder / f"above_{_file_stem(k)}.png"),
                  f"{k} {probs[k]:.2f}") for k in analysis.positives()[:MAX_GALLERY]]
 
     @user_errors

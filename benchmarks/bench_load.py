@@ -53,6 +53,14 @@ class Server:
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far: unlike wall time, barely moved by
+        other processes on a shared machine."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -61,17 +69,24 @@ class Server:
             self.proc.kill()
 
 
-def start_app(env: dict[str, str] | None = None, timeout: float = 180.0, log_dir: Path | None = None) -> Server:
-    """Starts ``python app.py`` on a free loopback port and waits until it answers."""
+def start_app(env: dict[str, str] | None = None, timeout: float = 180.0, log_dir: Path | None = None,
+              app: Path | None = None) -> Server:
+    """Starts ``python app.py`` on a free loopback port and waits until it answers.
+
+    ``app``: another checkout's ``app.py`` (e.g. the main branch, for a before/after in one run); its
+    folder is put first on ``PYTHONPATH`` so that it runs with its own ``chestxray``.
+    """
     import urllib.request
 
+    app = Path(app or REPO / "app.py").resolve()
     port = free_port()
     log = Path(log_dir or "/tmp") / f"app_{port}.log"
     full_env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "PYTHONPATH": os.pathsep.join([str(app.parent), *filter(None, [os.environ.get("PYTHONPATH")])]),
                 **(env or {})}
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=full_env, stdout=f,
+        proc = subprocess.Popen([sys.executable, str(app)], cwd=app.parent, env=full_env, stdout=f,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
@@ -102,8 +117,12 @@ class LoadResult:
 
 
 def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: list[Path] | None = None,
-         timeout: float = 300.0) -> LoadResult:
-    """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each)."""
+         timeout: float = 300.0, download: bool = False) -> LoadResult:
+    """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each).
+
+    The clients do not download the output files unless ``download`` (as in ``bench_app``): on a 2-core
+    machine the 16 clients share the CPU with the server, and fetching every PNG cost them about as much
+    CPU as the server spent answering."""
     from gradio_client import Client, handle_file
 
     images = images or DEFAULT_IMAGES
@@ -111,7 +130,7 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
     counter = itertools.count()
 
     def worker(_: int) -> None:
-        client = Client(url, verbose=False, analytics_enabled=False)
+        client = Client(url, verbose=False, analytics_enabled=False, **({} if download else {"download_files": False}))
         while (i := next(counter)) < n_requests:
             t = time.perf_counter()
             try:
@@ -140,25 +159,31 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--queue", type=int, default=32, help="the app's queue max_size")
     ap.add_argument("--model", default=None, help="model name (default: the app's default)")
+    ap.add_argument("--app", default=None, help="another checkout's app.py (default: this one's)")
+    ap.add_argument("--download", action="store_true", help="clients download every output file")
     args = ap.parse_args()
-    server = start_app({"CHESTXRAY_QUEUE": str(args.queue)})
+    server = start_app({"CHESTXRAY_QUEUE": str(args.queue)}, app=args.app)
     try:
-        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model)
+        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model, download=args.download)
         rss_warm = server.rss_mb()
+        cpu0, own0 = server.cpu_s(), time.process_time()
         t0 = time.perf_counter()
         half = (args.requests - args.warmup) // 2
-        res = fire(server.url, half, args.clients, args.model)
+        res = fire(server.url, half, args.clients, args.model, download=args.download)
         rss_mid = server.rss_mb()
-        res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model)
+        res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model,
+                    download=args.download)
         wall = time.perf_counter() - t0
         rss_end = server.rss_mb()
+        cpu_server, cpu_clients = server.cpu_s() - cpu0, time.process_time() - own0
         res.outcomes.update(res2.outcomes)
         res.latencies += res2.latencies
         res.errors += res2.errors
     finally:
         server.stop()
     lat = sorted(res.latencies)
-    print(f"{args.clients} clients, {args.requests} requests ({args.warmup} warm-up), queue max_size {args.queue}\n")
+    print(f"{args.app or 'app.py'}: {args.clients} clients, {args.requests} requests ({args.warmup} warm-up), "
+          f"queue max_size {args.queue}, outputs {'downloaded' if args.download else 'not downloaded'}\n")
     print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
           f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -169,6 +194,9 @@ def main() -> int:
     print(f"| {res.outcomes['ok'] + warm.outcomes['ok']} | {res.outcomes['refused']} | {res.outcomes['error']} | "
           f"{lost} | {p50:.2f} | {p95:.2f} | {res.outcomes['ok'] / wall:.2f} | {rss_warm:.0f} | {rss_mid:.0f} | {rss_end:.0f} | "
           f"{rss_end - rss_warm:+.0f} |")
+    print(f"\nCPU per answered request: server {1e3 * cpu_server / max(res.outcomes['ok'], 1):.0f} ms, "
+          f"the {args.clients} clients (this process) {1e3 * cpu_clients / max(res.outcomes['ok'], 1):.0f} ms; "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for msg, n in Counter(res.errors).most_common(5):
         print(f"- {n} x {msg}")
     return 0 if res.outcomes["error"] == 0 and lost == 0 else 1

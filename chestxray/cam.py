@@ -168,7 +168,32 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4, cmap: str = C
 
     Returns:
         H x W x 3 uint8 RGB.
+
+    The request path's blend: the same numbers as :func:`overlay_reference` (``tests/test_cam.py``
+    checks it) in about a third of the time: one float32 pass per channel instead of an H x W x 3
+    repeat of the film and several full-size temporaries.
     """
+    if cam.shape != gray.shape:
+        cam = upsample(cam, gray.shape)
+    cam = np.clip(np.asarray(cam, np.float32), 0.0, 1.0)
+    idx = np.rint(cam * np.float32(255.0)).astype(np.uint8)
+    a = cam * np.float32(np.clip(alpha, 0.0, 1.0))
+    base = np.clip(np.asarray(gray, np.float32), 0.0, 1.0) * np.float32(255.0)
+    keep = np.float32(1.0) - a
+    lut = colormap_lut(cmap).astype(np.float32)
+    out = np.empty((*gray.shape, 3), np.uint8)
+    tmp = np.empty(gray.shape, np.float32)
+    for ch in range(3):
+        np.multiply(keep, base, out=tmp)
+        tmp += a * lut[:, ch][idx]
+        tmp += np.float32(0.5)
+        np.clip(tmp, 0, 255, out=tmp)
+        out[..., ch] = tmp  # truncation, as astype(np.uint8) after + 0.5
+    return out
+
+
+def overlay_reference(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4, cmap: str = COLORMAP) -> np.ndarray:
+    """The straightforward blend that :func:`overlay` computes faster (kept for its tests)."""
     if cam.shape != gray.shape:
         cam = upsample(cam, gray.shape)
     cam = np.clip(np.asarray(cam, np.float32), 0.0, 1.0)

@@ -40,7 +40,7 @@ from chestxray.gate_fit import fit_from_folder, format_rows
 from chestxray.localization import card_section as localization_card_section
 from chestxray.localization import held_out_pointing_game
 from chestxray.localization import summary as localization_summary
-from chestxray.metrics import mean_auroc, to_json
+from chestxray.metrics import mean_auroc
 from chestxray.modelcard import split_counts, write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor

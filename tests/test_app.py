@@ -463,3 +463,35 @@ def test_caption_carries_each_methods_note(env, data_dir):
     for method, spec in CAM_METHODS.items():
         text = app.caption(a, "Effusion", method)
         assert [n for n in notes if n in text] == ([spec.note] if spec.note else [])
+
+
+def test_fast_png_is_lossless(env):
+    """The app's PNG writer (Up filter, fast deflate) gives back exactly the array, gray or RGB, any size."""
+    import io
+
+    import app
+
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(300), np.arange(257)).astype(np.uint8)
+    for arr in (ramp, np.dstack([ramp, ramp[::-1], 255 - ramp]), rng.integers(0, 256, (31, 17, 3), dtype=np.uint8),
+                rng.integers(0, 256, (1, 1), dtype=np.uint8), np.zeros((5, 3), np.uint8)):
+        with Image.open(io.BytesIO(app.encode_png(arr))) as im:
+            assert im.format == "PNG" and np.array_equal(np.asarray(im), arr)
+    with pytest.raises(ValueError):
+        app.encode_png(np.zeros((4, 4, 4), np.uint8))
+
+
+def test_gallery_thumbnails_match_the_straightforward_ones(env, data_dir):
+    """Gallery thumbnails drawn at thumbnail size look like the full overlay shrunk (the old way)."""
+    import app
+    from chestxray.imaging import read_image
+    from chestxray.predictor import Predictor
+
+    pred = Predictor.load(env / "weights" / "tiny_eff", device="cpu")
+    for name in (NIH_IMAGE, "nih/full_res/00000100_000.png"):
+        a = app.unpack(app.pack(pred.analyze(read_image(data_dir / name))))
+        for k in a.labels[:5]:
+            fast, ref = app.gallery_thumbnail(a, k, 0.6), app.thumbnail(a.overlay(k, 0.6))
+            diff = np.abs(fast.astype(int) - ref)
+            assert fast.shape == ref.shape and fast.dtype == np.uint8
+            assert diff.mean() < 1.0 and diff.max() <= 16, (name, k, diff.mean(), diff.max())

@@ -7,7 +7,7 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from chestxray.cam import CAM_METHODS, all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, upsample
+from chestxray.cam import CAM_METHODS, all_label_cams, method_cam, minmax, nhwc_to_nchw, overlay, overlay_reference, upsample
 from chestxray.checkpoint import load_folder
 from chestxray.models import arch_spec, classifier_weight, create_model, features_and_logits, target_layer
 from chestxray.predictor import Predictor, as_pixels
@@ -205,3 +205,18 @@ def test_every_registered_cam_method_explains_a_real_film(method, tiny_predictor
         x = pred.preprocess(as_pixels(film))
         slow = method_cam(pred.model, pred.arch, x, k, method)
         assert np.corrcoef(maps["Effusion"].ravel(), slow.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.73, 1.0])
+def test_fast_overlay_equals_the_straightforward_blend(alpha):
+    """The request path's blend gives the same pixels as the plain one (float32 films, as the app draws them)."""
+    rng = np.random.default_rng(0)
+    gray = rng.random((97, 80)).astype(np.float32)
+    gray[0, :3] = (0.0, 1.0, 0.5)
+    for cam in (upsample(rng.random((7, 7)), gray.shape), rng.random((7, 7)).astype(np.float32),
+                np.zeros(gray.shape, np.float32), np.ones(gray.shape, np.float32)):
+        assert np.array_equal(overlay(gray, cam, alpha), overlay_reference(gray, cam, alpha))
+    # a float64 film: the same blend up to one grey level of rounding
+    g64 = gray.astype(np.float64)
+    cam = upsample(rng.random((7, 7)), gray.shape)
+    assert np.abs(overlay(g64, cam, alpha).astype(int) - overlay_reference(g64, cam, alpha)).max() <= 1
