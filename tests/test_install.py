@@ -80,7 +80,7 @@ def test_every_command_and_option_is_explained():
 
     parser = build_parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"predict", "evaluate", "localize", "train", "release", "publish", "fit-gate"}
+    assert set(commands) == {"predict", "evaluate", "localize", "train", "release", "publish", "fit-gate", "recard"}
     for name, sub in {**commands, "train (flags)": train_parser()}.items():
         assert sub.epilog and "example" in sub.epilog and "chestxray" in sub.epilog, name
         for action in sub._actions:
