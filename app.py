@@ -499,8 +499,9 @@ class Service(ViewerReport):
         self.available = registry.available()
         self.default = registry.default()
         #: Loads the default model (the others load on first use) while the page is built and served: start-up
-        #: does not wait for it, and a request that comes first waits on the registry's per-model lock.
-        self.warm = threading.Thread(target=self._warm_up, args=(load_default,), name="warm-up", daemon=True)
+        #: does not wait for it, and a request that comes first waits on the registry's per-model lock. Not a
+        #: daemon: a process that exits while torch is still loading weights in a daemon thread aborts.
+        self.warm = threading.Thread(target=self._warm_up, args=(load_default,), name="warm-up")
         self.warm.start()
 
     def _warm_up(self, load_default: bool) -> None:

@@ -495,3 +495,18 @@ def test_gallery_thumbnails_match_the_straightforward_ones(env, data_dir):
             diff = np.abs(fast.astype(int) - ref)
             assert fast.shape == ref.shape and fast.dtype == np.uint8
             assert diff.mean() < 1.0 and diff.max() <= 16, (name, k, diff.mean(), diff.max())
+
+
+@pytest.mark.slow
+def test_importing_the_app_and_exiting_at_once_is_clean():
+    """``import app`` starts loading the shipped default model in the background; a process that exits
+    right away (a script, a test collector) must wait for it, not abort inside torch (exit 134)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run([sys.executable, "-c", "import app"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
