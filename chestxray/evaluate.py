@@ -108,14 +108,13 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     for k in labels:
         if k not in df.columns:
             df = df.assign(**{k: np.nan})
-    raw = None
-    if probs is None and logits is None:
+    raw, errors = None, None
+    if probs is None and logits is None:  # the reader's own one-line errors are kept for unreadable files
         logits, errors = predict_paths(predictor, list(df["path"]), progress=progress, logits=True)
     if probs is None:
-        probs = predictor.probabilities(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
-        raw = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy()
-        errors = {p: "unreadable" for p, bad in zip(df["path"], np.isnan(probs).any(axis=1)) if bad}
-    else:
+        z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        probs, raw = predictor.probabilities(z).numpy(), torch.sigmoid(z).numpy()
+    if errors is None:
         errors = {p: "unreadable" for p, bad in zip(df["path"], np.isnan(probs).any(axis=1)) if bad}
     ok = ~np.isnan(probs).any(axis=1)
     Y = df[labels].to_numpy(np.float64)[ok]

@@ -72,3 +72,28 @@ def test_card_has_calibration_section_and_old_metrics_still_render(evaluated):
                 lm.pop(key)
     card = write_model_card(folder, name="tiny", config=config, metrics=old, headline_group="nih384").read_text()
     assert "## Calibration" not in card and "## Results on held-out patients" in card
+
+
+def test_evaluate_reports_the_readers_reason_for_an_unreadable_film(tmp_path, data_dir):
+    """A film that cannot be read is left out of the metrics, and metrics.json says why in the reader's words."""
+    from chestxray.data import read_manifest
+    from chestxray.evaluate import evaluate_manifest
+    from chestxray.imaging import ImageReadError, read_image
+    from chestxray.predictor import Predictor
+
+    folder = make_checkpoint(tmp_path / "tiny", seed=2)
+    labels = pd.read_csv(data_dir / "nih/images_384/labels.csv").head(6)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in labels["Image Index"]:
+        (images / name).write_bytes((data_dir / "nih/images_384" / name).read_bytes())
+    bad = images / labels["Image Index"].iloc[0]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated PNG
+    with pytest.raises(ImageReadError) as err:
+        read_image(bad)
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    predictor = Predictor.load(folder, device="cpu")
+    df = read_manifest(tmp_path / "labels.csv", images, predictor.labels, source="nih384", missing="drop")
+    metrics = evaluate_manifest(predictor, df, tmp_path / "eval", n_boot=0, progress=False)
+    assert metrics["n_unreadable"] == 1 and metrics["n_images"] == 5
+    assert metrics["unreadable"] == {str(bad): str(err.value)}
