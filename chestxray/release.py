@@ -106,6 +106,18 @@ def _calibrated(predictor: Predictor, calibration: Calibration | None) -> Predic
     return Predictor(dataclasses.replace(predictor.ckpt, meta=meta), device=predictor.device)
 
 
+def headline_group(test: pd.DataFrame) -> str:
+    """The test films' headline group: the label-balanced cohort when it is among them, else the mixed NIH set."""
+    return HEADLINE if "cohort" in test.columns and (test["cohort"] == HEADLINE).any() else MIXED
+
+
+def pointing_game_or_none(predictor: Predictor, data_root: str | os.PathLike, localize: bool) -> dict[str, Any]:
+    """:func:`held_out_pointing_game` on ``data_root``, or (``localize`` off) an empty result of the same keys."""
+    if localize:
+        return held_out_pointing_game(predictor, data_root)
+    return {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None}
+
+
 def release_metrics(metrics: dict[str, Any], headline: str, half_check: dict[str, Any],
                     loc: dict[str, Any]) -> ReleaseMetrics:
     """What config.json keeps of a release's test metrics (per group), with calibration before/after."""
@@ -166,9 +178,8 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
         val_films, fitted_on = validation_films(val, CkptMeta.read(tmp))
         calibration = fit_on_validation(predictor, val_films, fitted_on, progress=progress)
         predictor = _calibrated(predictor, calibration)
-    headline = HEADLINE if "cohort" in test.columns and (test["cohort"] == HEADLINE).any() else MIXED
-    loc = (held_out_pointing_game(predictor, data_root or train_cfg["data_root"]) if localize
-           else {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None})
+    headline = headline_group(test)
+    loc = pointing_game_or_none(predictor, data_root or train_cfg["data_root"], localize)
     metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress, logits=logits16,
                                 plot_group=headline, localization=loc,
                                 title=f"{name}: ROC on held-out test patients ({headline})")
@@ -332,7 +343,7 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
         if len(old) != len(test) or missing or not old.index.is_unique:
             raise ValueError(f"{name}: {len(test)} test films found, {len(old)} in predictions.csv ({missing} "
                              "missing): the data or splits.csv do not match the shipped folder")
-    headline = HEADLINE if (test.get("cohort", test["source"]) == HEADLINE).any() else MIXED
+    headline = headline_group(test)
 
     # 2. Temperatures on the validation films, then the test metrics through evaluate's own code.
     calibration = None
@@ -340,8 +351,7 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
         val_films, fitted_on = validation_films(val, old_meta)
         calibration = fit_on_validation(raw, val_films, fitted_on, progress=progress)
     predictor = _calibrated(raw, calibration)
-    loc = (held_out_pointing_game(predictor, data_root) if localize
-           else {"n_pairs": 0, "hit_rate": None, "chance": None, "n_films": 0, "held_out": None})
+    loc = pointing_game_or_none(predictor, data_root, localize)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}.recard.") as tmp_name:
         tmp = Path(tmp_name)
         metrics = evaluate_manifest(predictor, test, tmp, n_boot=n_boot, progress=progress, logits=logits,
