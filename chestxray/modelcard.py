@@ -13,6 +13,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from chestxray.calibration import MIN_EACH_CLASS, T_BOUNDS
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.labels import PROXIES
 from chestxray.sources import COLLECTIONS, GROUP_NAMES, collection_of, collections
@@ -242,8 +243,6 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
             worse += ea > eb
         per_label.append(f"| {label} | {t:.3f} | {_arrow(eb, ea)} | "
                          f"{_arrow(head['before']['brier'].get(label), head['after']['brier'].get(label))} |")
-    from chestxray.calibration import T_BOUNDS
-
     at_bound = [k for k, t in temps.items() if t >= T_BOUNDS[1] * 0.999 or t <= T_BOUNDS[0] * 1.001]
     bound_note = (
         [f"At the bound of the fit (T = {T_BOUNDS[1]:g} or {T_BOUNDS[0]:g}): {', '.join(at_bound)}. On the validation "
@@ -258,8 +257,8 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
         "so a label reads `sigmoid(logit / T)`. T > 1 pulls probabilities towards 0.5, T < 1 pushes them "
         "apart. Dividing by T keeps every label's order of films, so AUROC and AUPRC are unchanged, and each "
         "operating threshold t is mapped to `sigmoid(logit(t) / T)`, so exactly the same films are flagged. "
-        f"{len(temps)} labels have a temperature (a label needs at least 3 validation positives and 3 "
-        "negatives). ECE and Brier score before -> after, on the held-out test films:", "",
+        f"{len(temps)} labels have a temperature (a label needs at least {MIN_EACH_CLASS} validation positives "
+        f"and {MIN_EACH_CLASS} negatives). ECE and Brier score before -> after, on the held-out test films:", "",
         *rows, "",
         f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up: one temperature "
         "per label is fitted to the whole validation mix, so it can leave one kind of film worse calibrated "
