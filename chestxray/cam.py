@@ -179,13 +179,13 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4, cmap: str = C
     idx = np.rint(cam * np.float32(255.0)).astype(np.uint8)
     a = cam * np.float32(np.clip(alpha, 0.0, 1.0))
     base = np.clip(np.asarray(gray, np.float32), 0.0, 1.0) * np.float32(255.0)
-    keep = np.float32(1.0) - a
+    kept = (np.float32(1.0) - a) * base  # the film's share: the same for the three channels
     lut = colormap_lut(cmap).astype(np.float32)
     out = np.empty((*gray.shape, 3), np.uint8)
     tmp = np.empty(gray.shape, np.float32)
     for ch in range(3):
-        np.multiply(keep, base, out=tmp)
-        tmp += a * lut[:, ch][idx]
+        np.multiply(a, lut[:, ch][idx], out=tmp)
+        tmp += kept
         tmp += np.float32(0.5)
         np.clip(tmp, 0, 255, out=tmp)
         out[..., ch] = tmp  # truncation, as astype(np.uint8) after + 0.5
