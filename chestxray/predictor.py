@@ -205,11 +205,9 @@ class Predictor:
         feats, _ = features_and_logits(self.model, x, self.arch)
         return feats.float().mean(dim=(2, 3)).cpu().numpy()
 
-    @torch.inference_mode()
     def predict_batch(self, images: list) -> np.ndarray:
         """Probabilities (N x K) for several images at once (temperature-scaled when the config says so)."""
-        x = torch.cat([self._input(as_pixels(im)) for im in images])
-        return self.probabilities(self.model(x)).float().cpu().numpy()
+        return self.probabilities(torch.from_numpy(self.predict_logits(images))).numpy()
 
     @torch.inference_mode()
     def predict_logits(self, images: list) -> np.ndarray:
