@@ -40,11 +40,29 @@ def _key(teachers: Sequence[str], paths: Sequence[str], labels: Sequence[str],
 
 
 @torch.no_grad()
+def _one_teacher(ck, cache: CachedImages, rows: np.ndarray, labels: Sequence[str], batch_size: int,
+                 progress: bool) -> np.ndarray:
+    """One teacher's sigmoid probabilities in the student's label order (NaN where it lacks a label)."""
+    cols = [labels.index(name) if name in labels else -1 for name in ck.labels]
+    out = np.full((len(rows), len(labels)), np.nan, dtype=np.float32)
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher {ck.name}", disable=not progress,
+                      leave=False):
+        x = torch.from_numpy(np.asarray(cache.array[rows[start:start + batch_size]])).float().div_(255.0)
+        p = torch.sigmoid(ck.model(ck.preprocess(x))).numpy()
+        for j, c in enumerate(cols):
+            if c >= 0:
+                out[start:start + len(p), c] = p[:, j]
+    log.info("teacher %s labelled %d images", ck.name, len(rows))
+    return out
+
+
 def teacher_probs(teachers: Sequence[str], cache: CachedImages, paths: Sequence[str], labels: Sequence[str],
                   out_dir: str | os.PathLike | None = None, batch_size: int = 64,
                   progress: bool = True) -> np.ndarray:
     """Mean sigmoid probability of the teachers for each path (N x len(labels), NaN where no
-    teacher has that label). Cached as ``<out_dir>/teacher_probs_<key>.npy``.
+    teacher has that label). Each teacher's pass is cached on its own as
+    ``<out_dir>/teacher_probs_<key>.npy``, so a run killed during the second teacher's pass (an hour
+    on two CPU cores) keeps the first one's.
 
     Args:
         teachers: model references (shipped names, folders, ``hf-hub:``).
@@ -54,33 +72,25 @@ def teacher_probs(teachers: Sequence[str], cache: CachedImages, paths: Sequence[
     """
     from chestxray.checkpoint import load_checkpoint
 
-    cks = [load_checkpoint(ref) for ref in teachers]
-    key = _key(teachers, paths, labels, [ck.model.state_dict() for ck in cks])
-    stored = Path(out_dir) / f"teacher_probs_{key}.npy" if out_dir else None
-    if stored is not None and stored.is_file():
-        return np.load(stored)
-    total = np.zeros((len(paths), len(labels)), dtype=np.float64)
-    count = np.zeros(len(labels), dtype=np.float64)
     rows = np.array([cache.index_of(p) for p in paths], dtype=np.int64)
-    for ck in cks:
-        cols = [labels.index(name) if name in labels else -1 for name in ck.labels]
-        for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher {ck.name}", disable=not progress,
-                          leave=False):
-            x = torch.from_numpy(np.asarray(cache.array[rows[start:start + batch_size]])).float().div_(255.0)
-            p = torch.sigmoid(ck.model(ck.preprocess(x))).numpy()
-            for j, c in enumerate(cols):
-                if c >= 0:
-                    total[start:start + len(p), c] += p[:, j]
-        for c in cols:
-            if c >= 0:
-                count[c] += 1
-        log.info("teacher %s labelled %d images", ck.name, len(rows))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        probs = (total / count).astype(np.float32)  # 0/0 -> NaN: no teacher knows this label
-    if stored is not None:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        np.save(stored, probs)
-    return probs
+    each = []
+    for ref in teachers:
+        ck = load_checkpoint(ref)
+        key = _key([ref], paths, labels, [ck.model.state_dict()])
+        stored = Path(out_dir) / f"teacher_probs_{key}.npy" if out_dir else None
+        if stored is not None and stored.is_file():
+            each.append(np.load(stored))
+            continue
+        probs = _one_teacher(ck, cache, rows, labels, batch_size, progress)
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            np.save(stored, probs)
+        each.append(probs)
+    stack = np.stack(each)
+    known = np.isfinite(stack)
+    count = known.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 -> NaN: no teacher knows this label
+        return (np.where(known, stack, 0.0).sum(axis=0) / count).astype(np.float32)
 
 
 def splits_from_run(df: pd.DataFrame, run: str | os.PathLike) -> pd.Series:
