@@ -62,16 +62,13 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from chestxray.boxes import describe as describe_boxes  # noqa: E402
-from chestxray.cam import CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES, cam_at, colormap_lut, overlay  # noqa: E402
-from chestxray.checkpoint import CheckpointError  # noqa: E402
+from chestxray.cam_methods import CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES  # noqa: E402
+from chestxray.layout import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
-from chestxray.predictor import Analysis  # noqa: E402
 from chestxray.registry import NO_MODEL, ModelRegistry  # noqa: E402
-from chestxray.report import technical_fields, write_report  # noqa: E402
 from chestxray.windowing import CUSTOM, PRESETS, STORED, Window, film_for_display  # noqa: E402
 
 log = logging.getLogger("chestxray.app")
@@ -89,11 +86,23 @@ EXAMPLES = {"00001369_000.png": "Cardiomegaly", "00012628_000.png": "Effusion",
 #: under load, 62 ms per efficientnet_b0 forward on 1 thread against 490 ms on 2. Batching two requests' forwards
 #: on 1 thread gave no gain per image (89 ms each), so requests are not batched.
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-CONCURRENCY = int(os.environ.get("CHESTXRAY_CONCURRENCY", 2 if torch.cuda.is_available() else min(4, CPU_CORES)))
-if os.environ.get("CHESTXRAY_TORCH_THREADS"):
-    torch.set_num_threads(int(os.environ["CHESTXRAY_TORCH_THREADS"]))
-elif not torch.cuda.is_available():
-    torch.set_num_threads(max(1, CPU_CORES // CONCURRENCY))
+CONCURRENCY = int(os.environ.get("CHESTXRAY_CONCURRENCY", min(4, CPU_CORES)))
+
+
+@functools.cache
+def configure_torch() -> None:
+    """Imports torch (once) and sets its threads: cores // CONCURRENCY on a CPU, ``$CHESTXRAY_TORCH_THREADS`` if set.
+
+    torch and timm (about 5 s of imports) are not imported to build the page: the warm-up thread imports them
+    once the server is up, and a request that comes first imports them itself (the import lock makes it wait)."""
+    import torch
+
+    if os.environ.get("CHESTXRAY_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CHESTXRAY_TORCH_THREADS"]))
+    elif not torch.cuda.is_available():
+        torch.set_num_threads(max(1, CPU_CORES // CONCURRENCY))
+
+
 QUEUE_SIZE = int(os.environ.get("CHESTXRAY_QUEUE", 32))
 MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
 MAX_GALLERY = 8
@@ -123,6 +132,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            configure_torch()  # a request that comes before the warm-up thread sets the threads itself
             return fn(*args, **kwargs)
         except gr.Error:
             raise
@@ -284,6 +294,8 @@ def gallery_thumbnail(analysis, label: str, alpha: float, side: int = GALLERY_SI
     small = analysis.image if size == analysis.image.shape else np.asarray(
         Image.fromarray(analysis.image.astype(np.float32)).resize(size[::-1], Image.Resampling.BILINEAR,
                                                                              reducing_gap=None))
+    from chestxray.cam import cam_at, overlay
+
     return overlay(small, cam_at(analysis.cams[analysis.labels.index(label)], size), alpha)
 
 
@@ -367,6 +379,8 @@ def pack(a: Analysis) -> dict:
 
 def unpack(d: dict) -> Analysis:
     """The stored analysis back as an :class:`Analysis` (no model involved)."""
+    from chestxray.predictor import Analysis
+
     return Analysis(d["labels"], d["probs"], d["cams"], d["image"].astype(np.float32) / 255.0, d["thresholds"],
                     warnings=d["warnings"], calibrated=d.get("calibrated", False))
 
@@ -386,6 +400,8 @@ DISCLAIMER_TEXT = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", DISCLAIMER)).sp
 def viewer_state(xray: XrayImage, a: Analysis) -> dict:
     """What a session keeps for windowing and the report: the film's stored values at display size (None for
     8-bit files), the window shown (None: the file's own, as the model saw it), the file's technical fields."""
+    from chestxray.report import technical_fields
+
     return {"film": film_for_display(xray, a.image.shape), "window": None, "window_name": STORED,
             "info": technical_fields(xray)}
 
@@ -485,6 +501,8 @@ class ViewerReport:
                             boxes=v.get("boxes", False))
         view = {**v, "method_title": METHOD_TITLES.get(v["method"], v["method"]),
                 "scale_title": SCALE_NAMES[v["scale"]].lower(), "window": window_text(state)}
+        from chestxray.report import write_report  # matplotlib: not needed to build the page
+
         pdf, js = write_report(OUT.new_dir(), a, to_uint8(a.image), overlay, model=self.registry.card(state["model"]),
                                image=state["info"], view=view, disclaimer=DISCLAIMER_TEXT)
         return str(pdf), str(js)
@@ -494,19 +512,31 @@ class ViewerReport:
 class Service(ViewerReport):
     """The app's handlers over one model registry (every model call goes through the library)."""
 
-    def __init__(self, registry: ModelRegistry, load_default: bool = True):
+    def __init__(self, registry: ModelRegistry, load_default: bool = True, warm_up: bool = True):
         self.registry = registry
         self.available = registry.available()
         self.default = registry.default()
-        #: Loads the default model (the others load on first use) while the page is built and served: start-up
-        #: does not wait for it, and a request that comes first waits on the registry's per-model lock. Not a
-        #: daemon: a process that exits while torch is still loading weights in a daemon thread aborts.
-        self.warm = threading.Thread(target=self._warm_up, args=(load_default,), name="warm-up")
-        self.warm.start()
+        self._load_default = load_default
+        #: Imports torch and loads the default model (the others load on first use) in the background: start-up
+        #: does not wait for it, and a request that comes first waits on the import lock and the registry's
+        #: per-model lock. Not a daemon: a process that exits while torch is still loading weights in a daemon
+        #: thread aborts. ``python app.py`` starts it once the server is up (:func:`main`), so that the imports do
+        #: not compete with building and serving the page for the interpreter lock.
+        self.warm = threading.Thread(target=self._warm_up, name="warm-up")
+        if warm_up:
+            self.warm.start()
 
-    def _warm_up(self, load_default: bool) -> None:
+    def start_warm_up(self) -> None:
+        """Starts the warm-up thread (once)."""
+        if not self.warm.is_alive() and self.warm.ident is None:
+            self.warm.start()
+
+    def _warm_up(self) -> None:
+        from chestxray.cam import colormap_lut
+
+        configure_torch()
         colormap_lut()  # matplotlib's colormap, imported once here rather than in the first request
-        if self.default and load_default:
+        if self.default and self._load_default:
             try:
                 self.registry.get(self.default)
             except Exception as err:  # noqa: BLE001 - the UI still starts and reports the error on use
@@ -661,9 +691,10 @@ class Service(ViewerReport):
 
 
 # -- layout --------------------------------------------------------------------------------------
-def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
-    """Builds the Blocks app over ``registry`` (default: ``models.yaml`` / ``$CHESTXRAY_MODELS``)."""
-    svc = Service(registry if registry is not None else ModelRegistry.from_yaml())
+def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> gr.Blocks:
+    """Builds the Blocks app over ``registry`` (default: ``models.yaml`` / ``$CHESTXRAY_MODELS``); ``warm_up=False``
+    leaves the warm-up thread to ``demo.service.start_warm_up()``."""
+    svc = Service(registry if registry is not None else ModelRegistry.from_yaml(), warm_up=warm_up)
     model_work = {"concurrency_id": "model", "concurrency_limit": CONCURRENCY}
     examples = [f for f in EXAMPLES if (EXAMPLES_DIR / f).is_file()]
     with gr.Blocks(title=TITLE, delete_cache=(600, 3000)) as demo:
@@ -792,10 +823,18 @@ def create_demo(registry: ModelRegistry | None = None) -> gr.Blocks:
     return demo
 
 
-demo = create_demo()
+demo = create_demo(warm_up=__name__ != "__main__")
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """``python app.py``: the page is served first, then torch is imported and the default model loaded."""
     logging.basicConfig(level=logging.INFO)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), max_file_size="25mb",
-                show_error=False)
+                show_error=False, prevent_thread_lock=True)
+    demo.service.start_warm_up()
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    main()

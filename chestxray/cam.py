@@ -20,45 +20,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chestxray.cam_methods import (CAM_METHODS, FAST_METHODS, METHOD_TITLES, METHODS, SCALES,  # noqa: F401
+                                   CamMethod)  # re-exported: the table lives where the app reads it without torch
 from chestxray.models import arch_spec, target_layer
-
-@dataclass(frozen=True)
-class CamMethod:
-    """One explanation method: its pytorch-grad-cam class, its menu title, and how it is computed."""
-
-    cls: str  # class name in pytorch_grad_cam
-    title: str  # what the app's method menu shows
-    #: Drawn from the stored all-label maps of :func:`all_label_cams` (no extra pass): exact for these
-    #: architectures (global average pooling + one linear layer), so the title says "(fast)".
-    fast: bool = False
-    #: Attributes set on the pytorch-grad-cam object (ScoreCAM's ``batch_size`` is one, not a constructor argument).
-    attrs: tuple[tuple[str, object], ...] = ()
-    note: str = ""  # a caveat shown with its map
-
-
-#: Every method by user-facing name: the one table the app's menu, the predictor and the report read.
-#: EigenCAM ignores the label; ScoreCAM costs one forward pass per channel.
-CAM_METHODS: dict[str, CamMethod] = {
-    "gradcam": CamMethod("GradCAM", "Grad-CAM (fast)", fast=True),
-    "hirescam": CamMethod("HiResCAM", "HiResCAM (fast)", fast=True),
-    "gradcam++": CamMethod("GradCAMPlusPlus", "Grad-CAM++"),
-    "xgradcam": CamMethod("XGradCAM", "XGradCAM"),
-    "layercam": CamMethod("LayerCAM", "LayerCAM"),
-    "eigencam": CamMethod("EigenCAM", "EigenCAM (no label)", note="EigenCAM ignores the label: every label gets "
-                                                                  "the same map."),
-    "scorecam": CamMethod("ScoreCAM", "Score-CAM (slow)", attrs=(("batch_size", 16),)),
-}
-#: Views of :data:`CAM_METHODS` under their older names: name -> class, fast names, name -> title.
-METHODS: dict[str, str] = {k: m.cls for k, m in CAM_METHODS.items()}
-FAST_METHODS: tuple[str, ...] = tuple(k for k, m in CAM_METHODS.items() if m.fast)
-METHOD_TITLES: dict[str, str] = {k: m.title for k, m in CAM_METHODS.items()}
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -131,14 +101,6 @@ def method_cam(model: nn.Module, arch: str, x: torch.Tensor, label_index: int, m
 
 #: The heatmap colormap (a matplotlib name).
 COLORMAP = "viridis"
-#: How a map is scaled before it is coloured: name -> what the colour bar's 1 then means.
-SCALES: dict[str, str] = {
-    "minmax": "per-label range: 1 is this label's strongest evidence in this image, whatever its probability",
-    "probability": "scaled by probability: the map times the label's probability, so 1 would need p = 1 "
-                   "and a low-probability label is drawn faint",
-}
-
-
 @functools.lru_cache(maxsize=4)
 def colormap_lut(name: str = COLORMAP) -> np.ndarray:
     """256 x 3 uint8 RGB table of a matplotlib colormap (index = map value x 255)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from chestxray.ckpt_config import KEY as META_KEY  # noqa: F401 (re-exported)
 from chestxray.ckpt_config import CkptMeta
+from chestxray.ckpt_config import read_config  # noqa: F401 (re-exported; torch-free, for the registry)
 from chestxray.hub import resolve
 from chestxray.labels import name_set
 from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir  # noqa: F401 (re-exports)
@@ -129,21 +130,6 @@ def _first_conv_in_chans(model: nn.Module) -> int | None:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     return None
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """Reads and sanity-checks a checkpoint folder's config.json."""
-    cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {folder}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{CONFIG_FILE} in {folder.name} is not valid JSON") from None
-    for key in ("architecture", "label_names", "pretrained_cfg"):
-        if key not in cfg:
-            raise CheckpointError(f"{CONFIG_FILE} in {folder.name} lacks {key!r}")
-    return cfg
 
 
 def _weights_file(folder: Path) -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from chestxray.layout import CONFIG_FILE
+from chestxray.layout import CONFIG_FILE, CheckpointError
 
 #: The root key of config.json that holds the block.
 KEY = "chestxray"
@@ -296,3 +296,18 @@ class CkptMeta:
         path = Path(folder) / CONFIG_FILE
         path.write_text(json.dumps(self.apply(json.loads(path.read_text())), indent=2))
         return path
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Reads and sanity-checks a checkpoint folder's config.json."""
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {folder}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{CONFIG_FILE} in {folder.name} is not valid JSON") from None
+    for key in ("architecture", "label_names", "pretrained_cfg"):
+        if key not in cfg:
+            raise CheckpointError(f"{CONFIG_FILE} in {folder.name} lacks {key!r}")
+    return cfg

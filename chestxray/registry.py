@@ -18,16 +18,18 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from chestxray import hub
-from chestxray.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_folder, read_config, weights_dir
-from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num
+from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num, read_config
+from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir
 from chestxray.layout import MODELS_ENV, models_file  # noqa: F401 (MODELS_ENV re-exported)
-from chestxray.predictor import Predictor
 from chestxray.sources import GROUP_NAMES
+
+if TYPE_CHECKING:  # torch is imported on the first load, not with the registry
+    from chestxray.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,11 @@ class ModelRegistry:
             return self._cache[name]
         with self._locks[entry.name]:
             if name not in self._cache:
+                # Imported here: listing models and reading their cards (what the app's page needs) stays
+                # free of torch and timm, about 5 s of an app's start-up.
+                from chestxray.checkpoint import load_folder
+                from chestxray.predictor import Predictor
+
                 self._cache[name] = Predictor(load_folder(self.folder(name)))
             return self._cache[name]
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from chestxray.imaging import XrayImage
-from chestxray.transforms import resize_gray
 
 STORED = "Stored window"
 CUSTOM = "Custom"
@@ -110,6 +109,8 @@ def film_for_display(xray: XrayImage | None, shape: tuple[int, int]) -> Film | N
     Resizing runs on values scaled to [0, 1] by the film's range (the shared resize clamps to [0, 1]) and
     maps them back, so the display geometry is exactly the display image's.
     """
+    from chestxray.transforms import resize_gray  # torch: the app builds its window controls without it
+
     raw = getattr(xray, "raw", None)
     if raw is None or raw.ndim != 2:
         return None

@@ -337,9 +337,11 @@ def test_registry_available_default_and_single_load(env, monkeypatch):
 
     r = reg.ModelRegistry.from_yaml(_yaml(env / "r.yaml", ["absent", "tiny_res", "tiny_eff"], default="absent"))
     assert r.available() == ["tiny_res", "tiny_eff"] and r.default() == "tiny_res"
+    import chestxray.checkpoint as ckpt  # the registry imports load_folder from there on the first load
+
     calls = []
-    real = reg.load_folder
-    monkeypatch.setattr(reg, "load_folder", lambda f: (calls.append(f), real(f))[1])
+    real = ckpt.load_folder
+    monkeypatch.setattr(ckpt, "load_folder", lambda f: (calls.append(f), real(f))[1])
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda _: r.get("tiny_res"), range(4)))
     assert len(calls) == 1 and all(p is got[0] for p in got)

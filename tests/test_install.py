@@ -54,6 +54,21 @@ def test_import_package_does_not_import_torch():
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
 
 
+def test_the_app_page_is_built_without_torch():
+    """``python app.py`` serves its page before importing torch and timm (about 5 s of its start-up): the
+    page, the model list and the default model's card need neither. The warm-up thread, which imports them
+    once the server is up, is held back here so that only the build is seen."""
+    code = ("import sys, threading\n"
+            "start = threading.Thread.start\n"
+            "threading.Thread.start = lambda t: None if t.name == 'warm-up' else start(t)\n"
+            "import app\n"
+            "assert app.demo.service.available and 'mean AUROC' in app.demo.service.card(app.demo.service.default)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'matplotlib')))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**_clean_env(GRADIO_ANALYTICS_ENABLED="False"), "PYTHONPATH": str(REPO)}, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
+
+
 def test_lazy_public_names_still_work():
     import chestxray
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
-RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "boxes", "layout", "ckpt_config",
+RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "cam_methods", "boxes", "layout", "ckpt_config",
            "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained",
            "sources"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
