@@ -112,7 +112,7 @@ def test_predict_png_matches_predictor(served, data_dir, forwards):
     top = out[0]["label"]
     assert top in caption and f"{probs[top]:.3f}" in caption
     with Image.open(overlay_path) as im:
-        assert im.format == "PNG" and im.mode == "RGB"
+        assert im.format == "JPEG" and im.mode == "RGB"  # heatmaps as JPEG, the film lossless
     with Image.open(out[4]) as im:
         assert im.format == "PNG" and im.size == (384, 384)  # the decoded film shown back
     assert "PNG" in out[7]
