@@ -64,6 +64,7 @@ import time  # noqa: E402
 import zlib  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,6 +76,9 @@ from chestxray.layout import CheckpointError  # noqa: E402
 from chestxray.imaging import ImageReadError, XrayImage, read_image, to_uint8  # noqa: E402
 from chestxray.registry import NO_MODEL, ModelRegistry  # noqa: E402
 from chestxray.windowing import CUSTOM, PRESETS, STORED, Window, film_for_display  # noqa: E402
+
+if TYPE_CHECKING:  # torch: imported after the page is up (configure_torch)
+    from chestxray.predictor import Analysis
 
 log = logging.getLogger("chestxray.app")
 
@@ -111,7 +115,7 @@ def configure_torch() -> None:
 QUEUE_SIZE = int(os.environ.get("CHESTXRAY_QUEUE", 32))
 MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
 MAX_GALLERY = 8
-GALLERY_SIDE = 256  # gallery thumbnails: smaller PNGs to encode and send
+GALLERY_SIDE = 256  # gallery thumbnails: smaller images to draw, encode and send
 #: gr.Label shows (and the API returns) this many labels: more than any label set, so all of them.
 NUM_TOP = 32
 #: Heatmap scales (chestxray.cam.SCALES) as the app names them.
@@ -408,8 +412,8 @@ STATE_TTL = int(os.environ.get("CHESTXRAY_STATE_TTL", 1800))
 #: Sessions whose stored analysis is kept, most recently used first (Gradio's ``state_session_capacity``; its
 #: default, 10,000, would let abandoned sessions hold up to ~3 MB each, a DICOM's film at display size included,
 #: for STATE_TTL: API clients open a new session per client and never close it). An older session's next label or
-#: window change asks to analyze again. Measured with 16 clients opening 48 sessions over 400 requests: RSS +58 to
-#: +79 MiB with the default, bounded with 32 (see the README).
+#: window change asks to analyze again. bench_load (16 clients opening 48 sessions over 400 requests, idle machine):
+#: RSS +54 to +86 MiB from request 20 to 400 before; +24, -9, +21 MiB with this cap and the work threads.
 SESSIONS = int(os.environ.get("CHESTXRAY_SESSIONS", 32))
 
 
