@@ -6,7 +6,7 @@ Serves the app on 127.0.0.1 (queue and concurrency as in production) on the real
 ``models.yaml`` when any are installed; otherwise on two tiny random-weight checkpoints, and says so
 (those numbers measure the app's overhead, not a real model). Each request uploads the image,
 decodes it, runs one forward pass (probabilities + every label's Grad-CAM) and returns the label
-probabilities, table, overlay PNG, decoded PNG and gallery. By default the client does not download
+probabilities, table, overlay (JPEG), decoded film (PNG) and gallery. By default the client does not download
 the output files (``download_files=False``; ``--download`` fetches them). Also times, in the same run, the
 predictor's own work on the same file in process (``read_image`` + ``Predictor.analyze``) and prints the
 ratio of the two p50s. Prints a markdown table of p50/p95.
