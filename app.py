@@ -88,9 +88,9 @@ EXAMPLES_DIR = HERE / "examples"
 EXAMPLES = {"00001369_000.png": "Cardiomegaly", "00012628_000.png": "Effusion",
             "00001968_000.png": "Pneumothorax", "00000550_000.png": "No Finding"}
 
-#: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model. On a CPU,
-#: one request per core (at most 4), each forward pass on cores // CONCURRENCY torch threads (1 on 2 cores): most
-#: of a request is single-threaded work (decoding, drawing, PNG, HTTP) that a second request overlaps, and
+#: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model: one
+#: request per core (at most 4; on a GPU too, unless $CHESTXRAY_CONCURRENCY says otherwise), each forward pass
+#: on cores // CONCURRENCY torch threads (1 on 2 cores): most of a request is single-threaded work (decoding, drawing, PNG, HTTP) that a second request overlaps, and
 #: OpenMP's two threads on two busy cores (16 clients, other processes) spin against each other: measured here
 #: under load, 62 ms per efficientnet_b0 forward on 1 thread against 490 ms on 2. Batching two requests' forwards
 #: on 1 thread gave no gain per image (89 ms each), so requests are not batched.

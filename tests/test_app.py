@@ -467,6 +467,32 @@ def test_caption_carries_each_methods_note(env, data_dir):
         assert [n for n in notes if n in text] == ([spec.note] if spec.note else [])
 
 
+def test_handlers_run_on_the_apps_few_work_threads(env):
+    """Every handler runs on the app's own WORK_THREADS, whichever thread calls it (torch keeps buffers per thread
+    that ran a forward pass: RSS grew with each of Gradio's up to 40 worker threads); errors still come back as one
+    line, and a handler that calls another one does not wait for a free thread."""
+    import threading
+
+    import gradio as gr
+
+    import app
+
+    @app.user_errors
+    def where(nested: bool = False):
+        return where() if nested else threading.current_thread().name
+
+    @app.user_errors
+    def fails():
+        raise ValueError("not a readable image\nsecond line")
+
+    with ThreadPoolExecutor(12) as pool:
+        names = set(pool.map(lambda i: where(nested=i % 2 == 0), range(60)))
+    assert all(n.startswith("chestxray-work") for n in names) and 1 <= len(names) <= app.WORK_THREADS
+    with pytest.raises(gr.Error, match="not a readable image") as err:
+        fails()
+    assert "second line" not in str(err.value)
+
+
 def test_fast_png_is_lossless(env):
     """The app's PNG writer (Up filter, fast deflate) gives back exactly the array, gray or RGB, any size."""
     import io
