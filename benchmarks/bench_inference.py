@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chestxray.cam import all_label_cams, method_cam
+from chestxray.cam import method_cam
 from chestxray.checkpoint import Checkpoint, list_shipped, load_checkpoint, weights_dir
 from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
-from chestxray.models import create_model, features_and_logits
+from chestxray.models import create_model
 from chestxray.predictor import Predictor
 from chestxray.recipes import shipped_recipes
 from chestxray.transforms import Preprocess
@@ -81,15 +81,8 @@ def main() -> int:
             with torch.inference_mode():
                 pred.model(x)
 
-        core = getattr(pred, "infer", None)  # the predictor's one-forward path, when it has one
-
         def probs_and_cams():
-            with torch.inference_mode():
-                if core is not None:
-                    return core(x)
-                feats, logits = features_and_logits(pred.model, x, arch)  # what analyze() did inline
-                return (torch.sigmoid(logits), all_label_cams(feats.float(), pred.classifier_weight.float()),
-                        feats.float().mean(dim=(2, 3)))
+            return pred.infer(x)  # what analyze() runs on the preprocessed tensor
 
         # interleaved, so that a slower stretch of the machine hits both alike
         f_ts, c_ts = [], []

@@ -220,6 +220,14 @@ class Predictor:
         return dict(zip(self.labels, map(float, self.predict_batch([image])[0])))
 
     @torch.inference_mode()
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass of a preprocessed batch: (probabilities B x K, every label's Grad-CAM B x K x h x w
+        at feature resolution, pooled embedding B x C for the input gate)."""
+        feats, logits = features_and_logits(self.model, x, self.arch)
+        feats = feats.float()
+        return self.probabilities(logits), all_label_cams(feats, self._weight.float()), feats.mean(dim=(2, 3))
+
+    @torch.inference_mode()
     def analyze(self, image, xray: XrayImage | None = None, *, source=None) -> Analysis:
         """Probabilities and Grad-CAM of every label from one forward pass, checked by the input gate.
 
@@ -240,10 +248,7 @@ class Predictor:
         read = as_xray(image)
         xray = read if read is not None else xray
         pixels = as_pixels(read if read is not None else image)
-        feats, logits = features_and_logits(self.model, self._input(pixels), self.arch)
-        probs = self.probabilities(logits)[0].float().cpu().numpy()
-        cams = all_label_cams(feats.float(), self._weight.float())[0].cpu().numpy()
-        embedding = feats.float().mean(dim=(2, 3))[0].cpu().numpy()
+        probs, cams, embedding = (t[0].float().cpu().numpy() for t in self.infer(self._input(pixels)))
         verdict = (self.gate.assess(xray, pixels, embedding) if self.gate is not None
                    else assess_without_gate(xray, pixels))
         return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding,
