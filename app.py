@@ -648,7 +648,7 @@ class Service(ViewerReport):
         top, folder = a.top_label(), OUT.new_dir()
         image, text = self._render(state, top, method, alpha, scale, folder, boxes)
         warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
-        decoded = OUT.png(to_uint8(a.image), folder / "image.png")
+        decoded = OUT.png(state["analysis"]["image"], folder / "image.png")  # the uint8 film pack() kept
         return (a.prob_dict(), label_table(a), image, text, decoded,
                 gr.update(choices=list(a.labels), value=top),
                 gr.update(value=warning_html(warnings) if warnings else "", visible=bool(warnings)),

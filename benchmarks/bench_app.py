@@ -26,8 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from chestxray.layout import default_data_root  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CHESTXRAY_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(default_data_root())
 #: A 1024-px NIH film, as a user would upload it (falls back to a 384-px example).
 DEFAULT_IMAGE = next((p for p in (DATA / "nih/full_res/00000100_000.png",) if p.is_file()),
                      REPO / "examples" / "00001369_000.png")

@@ -30,7 +30,6 @@ from chestxray.layout import default_data_root
 from chestxray.predictor import Predictor
 
 
-
 def synthetic_negatives(paths: list[str], seed: int = 0) -> dict[str, list[np.ndarray]]:
     """Altered chest films: not what the model was trained to read."""
     rng = np.random.default_rng(seed)

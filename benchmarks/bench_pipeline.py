@@ -19,7 +19,6 @@ from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
 
 
-
 def run_epochs(loader, epochs: int, device: torch.device, augment: bool = True,
                repeat: int = 1) -> tuple[float, int]:
     """Best-of-``repeat`` seconds and images for ``epochs`` passes (batches moved to ``device``,
