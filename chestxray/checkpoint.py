@@ -189,3 +189,31 @@ def load_checkpoint(ref: str | os.PathLike, device: str | torch.device = "cpu") 
     (see :func:`chestxray.hub.resolve`).
     """
     return load_folder(resolve(str(ref)), device=device)
+
+
+def init_from_checkpoint(model: nn.Module, ref: str | os.PathLike) -> str:
+    """Copies a released checkpoint's backbone into ``model`` (same architecture, any label set).
+
+    Every tensor whose name and shape match is copied; the classifier is not (its labels differ or
+    it is to be relearnt), so it keeps its fresh initialisation. Used to start a model for one
+    label set from a model trained on chest films for another (e.g. the six-label model from the
+    NIH-14 one): keep that run's split (``split_from``), or its test patients leak into training.
+
+    Returns:
+        A one-line report for the log and the model card.
+    """
+    src = load_checkpoint(ref)
+    # Same layers, activations included (a transplanted efficientnet uses ReLU6, a fresh one SiLU).
+    if [type(m) for m in src.model.modules()] != [type(m) for m in model.modules()]:
+        raise CheckpointError(f"init_from: {src.name} ({src.arch}, {src.config.get('model_args', {})}) is not "
+                              f"built like the model being trained")
+    head = _classifier_key(model).rsplit(".", 1)[0] + "."
+    own = model.state_dict()
+    take = {k: v for k, v in src.model.state_dict().items()
+            if not k.startswith(head) and k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in take and not k.startswith(head)]
+    if missing:
+        raise CheckpointError(f"init_from: {src.name} lacks {len(missing)} backbone tensors (e.g. {missing[0]})")
+    model.load_state_dict(take, strict=False)
+    return (f"{src.name} (chest X-ray {src.arch}, labels {src.meta.label_set or len(src.labels)}): "
+            f"{len(take)}/{len(own)} tensors, all but the classifier")

@@ -53,6 +53,7 @@ HELP = {
     "teacher": "distil from these checkpoints (names, folders or hf-hub: references)",
     "kd_weight": "weight of the teachers' soft targets in the loss",
     "split_from": "keep an earlier run's (or checkpoint's) split for the images it had",
+    "init_from": "start from this checkpoint's backbone (name or folder; same architecture, new classifier)",
     "amp": "bf16/fp16 autocast (GPU only)",
     "channels_last": "NHWC memory layout (faster on GPUs and, for convnets, on CPU)",
     "patience": "early stopping: epochs without a better validation mean AUROC",

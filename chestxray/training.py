@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from chestxray.checkpoint import save_checkpoint
+from chestxray.checkpoint import init_from_checkpoint, save_checkpoint
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
                             cohort_patient_split, format_label_counts, load_sources, masked_bce_loss,
@@ -74,6 +74,7 @@ class TrainConfig:
     teacher: list[str] = field(default_factory=list)  # distil from these checkpoints (soft targets)
     kd_weight: float = 1.0  # loss = BCE(known labels) + kd_weight * BCE(teacher probabilities)
     split_from: str | None = None  # keep an earlier run's split (a teacher's) for the images it had
+    init_from: str | None = None  # start from a released checkpoint's backbone (chest features), new head
     amp: bool = True  # bf16/fp16 autocast on GPU only
     channels_last: bool = True  # NHWC memory layout: faster on GPUs and, for these convnets, ~1.5x on CPU
     patience: int = 5  # early stopping on validation mean AUROC
@@ -245,7 +246,13 @@ class Trainer:
         """Creates model, optimizer, schedule and (with several processes) the DDP wrapper."""
         cfg = self.cfg
         self.model = create_model(cfg.arch, len(self.labels), img_size=cfg.img_size, pretrained=cfg.pretrained,
-                                  drop_rate=cfg.drop_rate).to(self.device)
+                                  drop_rate=cfg.drop_rate)
+        if cfg.init_from:
+            if not cfg.split_from:  # its validation and test patients would be training films here
+                raise ValueError("init_from needs split_from (that model's run or checkpoint)")
+            self.model.init_report = init_from_checkpoint(self.model, cfg.init_from)
+            log.info("%s initialised from %s", cfg.arch, self.model.init_report)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model

@@ -9,9 +9,10 @@ import safetensors.torch
 import timm
 import torch
 
-from chestxray.checkpoint import CheckpointError, load_checkpoint, load_folder
+from chestxray.checkpoint import CheckpointError, init_from_checkpoint, load_checkpoint, load_folder
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.hub import resolve
+from chestxray.models import create_model
 from tests.helpers import make_checkpoint
 
 
@@ -172,3 +173,25 @@ def test_a_release_in_progress_is_not_listed(tmp_path, monkeypatch):
         (tmp_path / name / "model.safetensors").write_bytes(b"0")
     monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(tmp_path))
     assert list_shipped() == ["done"]
+
+
+def test_init_from_checkpoint_copies_the_backbone_not_the_head(tmp_path):
+    src = load_folder(make_checkpoint(tmp_path / "nih14", seed=3))
+    torch.manual_seed(4)
+    model = create_model("test_efficientnet", 6, img_size=64)
+    head_before = model.get_classifier().weight.detach().clone()
+    report = init_from_checkpoint(model, tmp_path / "nih14")
+    assert "nih14" in report and "all but the classifier" in report
+    for k, v in src.model.state_dict().items():
+        if not k.startswith("classifier."):
+            assert torch.equal(model.state_dict()[k], v), k
+    assert torch.equal(model.get_classifier().weight, head_before)  # 6 new labels: a fresh head
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():  # same features: the backbone now is the checkpoint's
+        assert torch.allclose(model.eval().forward_features(x), src.model.forward_features(x), atol=1e-5)
+
+
+def test_init_from_checkpoint_refuses_another_build(tmp_path):
+    make_checkpoint(tmp_path / "resnet", arch="resnet10t")
+    with pytest.raises(CheckpointError, match="not built like"):
+        init_from_checkpoint(create_model("test_efficientnet", 6, img_size=64), tmp_path / "resnet")
