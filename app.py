@@ -637,7 +637,11 @@ class Service(ViewerReport):
 
     @user_errors
     def predict(self, file, model, method="gradcam", alpha=0.4, scale="minmax", boxes=False):
-        """Probabilities of every label (one forward pass), the label table, the top label's overlay."""
+        """Probabilities of every label (one forward pass), the label table, the top label's overlay.
+
+        The decoded film and the gallery are not drawn here: the page asks for them (:meth:`extras`) once
+        the bars and the overlay are shown, and API clients that only want the answer never pay for them.
+        """
         name, predictor = self._predictor(model)
         path = _path(file)
         xray = read_image(path)
@@ -645,14 +649,22 @@ class Service(ViewerReport):
         # the display image (longest side <= 768, uint8) stands in for the film in later explain calls: it
         # bounds the memory a session holds, and every model input is far smaller
         state = {"model": name, "analysis": pack(a), "maps": {}, **viewer_state(xray, a)}
-        top, folder = a.top_label(), OUT.new_dir()
-        image, text = self._render(state, top, method, alpha, scale, folder, boxes)
+        top = a.top_label()
+        image, text = self._render(state, top, method, alpha, scale, OUT.new_dir(), boxes)
         warnings = [str(w) for w in (getattr(a, "warnings", None) or [])]
-        decoded = OUT.png(state["analysis"]["image"], folder / "image.png")  # the uint8 film pack() kept
-        return (a.prob_dict(), label_table(a), image, text, decoded,
+        return (a.prob_dict(), label_table(a), image, text,
                 gr.update(choices=list(a.labels), value=top),
                 gr.update(value=warning_html(warnings) if warnings else "", visible=bool(warnings)),
-                image_info(xray), self._gallery(a, alpha, folder), state)
+                image_info(xray), state)
+
+    @user_errors
+    def extras(self, alpha, state):
+        """The decoded film as analysed and the gallery of labels above threshold, from the stored analysis."""
+        if not state:
+            raise _error("Analyze an image first.")
+        folder = OUT.new_dir()
+        decoded = OUT.png(state["analysis"]["image"], folder / "image.png")  # the uint8 film pack() kept
+        return decoded, self._gallery(viewed(state), alpha, folder)
 
     @user_errors
     def explain(self, label, method, alpha, scale, state, boxes=False):
@@ -771,7 +783,7 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                                         cache_examples=False, label="Examples (NIH ChestX-ray14)",
                                         example_labels=[EXAMPLES[f] for f in examples])
                         decoded = gr.Image(label="Decoded image", type="numpy", format="png", interactive=False,
-                                           height=300)
+                                           height=300, elem_id="decoded")
                         info_md = gr.Markdown(label="Image info", show_label=False)
                     with gr.Column(scale=3, min_width=320):
                         warn_html = gr.HTML(visible=False, elem_id="input-warning", label="Input warning")
@@ -795,7 +807,8 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                                                interactive=False, height=400, elem_id="overlay")
                         caption_md = gr.Markdown(label="Heatmap caption", show_label=False)
                         gallery = gr.Gallery(label="Labels above their threshold (Grad-CAM, per-label range)",
-                                             columns=4, height="auto", format="jpeg", object_fit="contain")
+                                             columns=4, height="auto", format="jpeg", object_fit="contain",
+                                             elem_id="gallery")
                 with gr.Row(equal_height=False):  # viewer and report (display only: no model runs here)
                     with gr.Column(scale=2, min_width=280):
                         with gr.Accordion("Window / level (display only)", open=True):
@@ -844,9 +857,12 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                     with gr.Column(scale=2):
                         batch_table = gr.Dataframe(label="Results", interactive=False, max_height=520)
 
+        # the bars and the overlay first; the decoded film and the gallery follow from the stored analysis
         run_btn.click(svc.predict, [file_in, model_dd, method_dd, alpha, scale_rd, boxes_cb],
-                      [probs, table_md, overlay_img, caption_md, decoded, label_dd, warn_html, info_md, gallery,
-                       state], api_name="predict", **model_work)
+                      [probs, table_md, overlay_img, caption_md, label_dd, warn_html, info_md, state],
+                      api_name="predict", **model_work
+                      ).success(svc.extras, [alpha, state], [decoded, gallery], api_name="extras",
+                                show_progress="hidden")
         gr.on([label_dd.input, method_dd.input, alpha.release, scale_rd.input, boxes_cb.input], svc.explain,
               [label_dd, method_dd, alpha, scale_rd, state, boxes_cb], [overlay_img, caption_md, state],
               api_name="explain",

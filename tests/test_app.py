@@ -113,9 +113,13 @@ def test_predict_png_matches_predictor(served, data_dir, forwards):
     assert top in caption and f"{probs[top]:.3f}" in caption
     with Image.open(overlay_path) as im:
         assert im.format == "JPEG" and im.mode == "RGB"  # heatmaps as JPEG, the film lossless
-    with Image.open(out[4]) as im:
+    assert len(out) == 7 and "PNG" in out[6]  # the film and the gallery are not drawn for the answer
+    film, gallery = client.predict(0.4, api_name="/extras")  # what the page asks for next, from the state
+    assert forwards["tiny_eff"] == before + 1
+    with Image.open(film) as im:
         assert im.format == "PNG" and im.size == (384, 384)  # the decoded film shown back
-    assert "PNG" in out[7]
+    above = sorted((k for k in reference if reference[k] >= 0.5), key=lambda k: -probs[k])  # tiny_eff: 0.5 each
+    assert above and [g["caption"] for g in gallery] == [f"{k} {probs[k]:.2f}" for k in above][:app.MAX_GALLERY]
 
 
 def test_predict_dicom(served, data_dir, bad_corpus):
@@ -125,7 +129,7 @@ def test_predict_dicom(served, data_dir, bad_corpus):
     out = client.predict(handle_file(str(data_dir / CHEST_CR)), "tiny_res", api_name="/predict")
     probs = _probs(out[0])
     assert len(probs) == 15 and all(0.0 <= p <= 1.0 for p in probs.values())
-    assert "DICOM" in out[7] and "MONOCHROME1 inverted" in out[7]
+    assert "DICOM" in out[6] and "MONOCHROME1 inverted" in out[6]
     # a DICOM with identifying header values: none of them may reach any output
     out = client.predict(handle_file(str(bad_corpus["privacy.dcm"])), "tiny_res", api_name="/predict")
     text = repr(out)
@@ -174,7 +178,8 @@ def test_overlay_changes_run_no_forward(served, data_dir, forwards):
     assert a.shape == b.shape and not np.array_equal(a, b)  # the opacity took effect
     assert out[0]["label"] in out[3]
     # The heatmap scale is drawing only: per-label range vs scaled by probability, no forward either way.
-    probs, film = _probs(out[0]), np.asarray(Image.open(out[4]).convert("RGB"), float)
+    probs = _probs(out[0])
+    film = np.asarray(Image.open(client.predict(0.4, api_name="/extras")[0]).convert("RGB"), float)
 
     def change(path):  # how far an overlay moves the film's pixels (left of the colour bar)
         return np.abs(np.asarray(Image.open(path), float)[:, :film.shape[1]] - film).mean()
@@ -447,7 +452,7 @@ def test_input_gate_warning_is_shown(served, data_dir, monkeypatch):
     monkeypatch.setattr(Predictor, "analyze",
                         lambda self, image, *args, **kw: (a := real(self, image, *args, **kw), a.warnings.append(text))[0])
     out = client.predict(handle_file(str(data_dir / NIH_IMAGE)), "tiny_eff", api_name="/predict")
-    assert out[6]["visible"] is True and text in out[6]["value"]
+    assert out[5]["visible"] is True and text in out[5]["value"]
     csv_path, _ = client.predict([handle_file(str(data_dir / NIH_IMAGE))], "tiny_eff", api_name="/batch")
     with open(csv_path, newline="") as fh:
         assert next(csv.DictReader(fh))["warning"] == text

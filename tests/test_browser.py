@@ -63,6 +63,9 @@ def test_upload_analyze_screenshot(url, data_dir):
                 expect(probs.get_by_text(name, exact=True)).to_be_visible(timeout=60_000)
             expect(page.locator("#overlay img")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("per-label range (min-max)").first).to_be_visible(timeout=30_000)
+            # the decoded film and the gallery follow the answer (a chained event)
+            expect(page.locator("#decoded img")).to_be_visible(timeout=30_000)
+            expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
             # switching the heatmap label re-renders the overlay from the stored analysis
             label_box = page.get_by_label("Heatmap for label")
             label_box.click()
