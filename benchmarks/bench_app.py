@@ -6,10 +6,15 @@ Serves the app on 127.0.0.1 (queue and concurrency as in production) on the real
 ``models.yaml`` when any are installed; otherwise on two tiny random-weight checkpoints, and says so
 (those numbers measure the app's overhead, not a real model). Each request uploads the image,
 decodes it, runs one forward pass (probabilities + every label's Grad-CAM) and returns the label
-probabilities, table, overlay (JPEG), decoded film (PNG) and gallery. By default the client does not download
-the output files (``download_files=False``; ``--download`` fetches them). Also times, in the same run, the
-predictor's own work on the same file in process (``read_image`` + ``Predictor.analyze``) and prints the
-ratio of the two p50s. Prints a markdown table of p50/p95.
+probabilities, table, overlay (JPEG) and caption (the page then asks /extras for the decoded film and the
+gallery; API clients need not). By default the client does not download the output files
+(``download_files=False``; ``--download`` fetches them). Also times, in the same run, the predictor's own
+work on the same file in process (``read_image`` + ``Predictor.analyze``) and prints the ratio of the p50s.
+
+Two clients: gradio_client, and Gradio's plain HTTP API (upload, ``POST /gradio_api/call/predict``, read
+the event stream: what ``curl`` does) over one kept-alive connection. The same two clients also call a
+do-nothing endpoint with the same inputs and the same file (served beside the app): the floor that no
+work in the app can go below. Prints a markdown table of p50/p95.
 """
 from __future__ import annotations
 
@@ -48,6 +53,49 @@ def tiny_models(root: Path) -> None:
     os.environ["CHESTXRAY_MODELS"] = str(root / "models.yaml")
 
 
+def floor_demo():
+    """A do-nothing endpoint with /predict's inputs: file, model, method, opacity in; a constant label out."""
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        inputs = [gr.File(type="filepath"), gr.Textbox(), gr.Textbox(), gr.Number()]
+        out = gr.Label()
+        gr.Button().click(lambda *a: {"nothing": 1.0}, inputs, out, api_name="predict")
+    return demo
+
+
+def http_predict(http, url: str, path: str, *args) -> list:
+    """/predict through Gradio's HTTP API: upload the file, start the call, read its event stream to the end."""
+    import json
+
+    with open(path, "rb") as fh:
+        uploaded = http.post(f"{url}gradio_api/upload", files={"files": (Path(path).name, fh)}).json()[0]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, *args]
+    event = http.post(f"{url}gradio_api/call/predict", json={"data": data}).json()["event_id"]
+    with http.stream("GET", f"{url}gradio_api/call/predict/{event}") as r:
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                if kind == "error":
+                    raise RuntimeError(f"/predict failed: {line[5:].strip()[:200]}")
+                return json.loads(line[5:])
+    raise RuntimeError("/predict: the event stream ended without a result")
+
+
+def timed(fn, n: int, warm: int = 2) -> list[float]:
+    """Milliseconds of ``n`` calls of ``fn`` after ``warm`` untimed ones."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="timed requests per model (after 2 warm-up requests)")
@@ -71,6 +119,7 @@ def main(argv=None) -> None:
               "these numbers are the app's overhead, not a real model's latency.\n")
         tiny_models(Path(tmp.name))
 
+    import httpx
     import torch
     from gradio_client import Client, handle_file
 
@@ -80,37 +129,37 @@ def main(argv=None) -> None:
     demo = app.create_demo()
     demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
     _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="25mb")
-    client = Client(url, verbose=False, analytics_enabled=False,
-                    download_files=str(Path(tmp.name) / "client") if args.download else False)
+    floor = floor_demo().queue()
+    _, floor_url, _ = floor.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    opts = dict(verbose=False, analytics_enabled=False)
+    client = Client(url, download_files=str(Path(tmp.name) / "client") if args.download else False, **opts)
+    floor_client = Client(floor_url, download_files=False, **opts)
+    http = httpx.Client(timeout=120)
     names = [m for m in args.models.split(",") if m] or demo.service.available
     image = handle_file(args.image)
     rows = []
     try:
+        floors = (timed(lambda: floor_client.predict(image, "x", "y", 0.4, api_name="/predict"), args.n),
+                  timed(lambda: http_predict(http, floor_url, args.image, "x", "y", 0.4), args.n))
         for name in names:
-            for _ in range(2):  # warm-up: first load, allocator, caches
-                client.predict(image, name, args.method, 0.4, api_name="/predict")
-            times = []
-            for _ in range(args.n):
-                t0 = time.perf_counter()
-                client.predict(image, name, args.method, 0.4, api_name="/predict")
-                times.append((time.perf_counter() - t0) * 1000)
-            handler = []  # the same work called in-process: the app's own cost without HTTP/Gradio transport
-            for _ in range(max(3, args.n // 2)):
-                t0 = time.perf_counter()
-                demo.service.predict(args.image, name, args.method, 0.4)
-                handler.append((time.perf_counter() - t0) * 1000)
-            own = []  # the predictor's own work on the same file: decode + analyze, in process
+            times = timed(lambda: client.predict(image, name, args.method, 0.4, api_name="/predict"), args.n)
+            plain = timed(lambda: http_predict(http, url, args.image, name, args.method, 0.4, "minmax", False),
+                          args.n)
+            # the same work called in-process: the app's own cost without HTTP/Gradio transport
+            handler = timed(lambda: demo.service.predict(args.image, name, args.method, 0.4), max(3, args.n // 2))
             predictor = demo.service.registry.get(name)
-            for _ in range(max(5, args.n)):
-                t0 = time.perf_counter()
-                predictor.analyze(read_image(args.image))
-                own.append((time.perf_counter() - t0) * 1000)
+            # the predictor's own work on the same file: decode + analyze, in process
+            own = timed(lambda: predictor.analyze(read_image(args.image)), max(5, args.n))
             card = demo.service.registry.card(name)
             rows.append((name, card.get("arch"), card.get("img_size"), np.percentile(times, 50),
-                         np.percentile(times, 95), np.percentile(handler, 50), np.percentile(own, 50), len(times)))
+                         np.percentile(times, 95), np.percentile(plain, 50), np.percentile(handler, 50),
+                         np.percentile(own, 50), len(times)))
     finally:
+        http.close()
         client.close()
+        floor_client.close()
         demo.close()
+        floor.close()
         tmp.cleanup()
 
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
@@ -118,14 +167,19 @@ def main(argv=None) -> None:
     print(f"/predict latency, sequential requests via gradio_client; image {Path(args.image).name}; "
           f"method {args.method}; {device}; {platform.python_implementation()} {platform.python_version()}"
           f"{'; TINY random-weight models' if tiny else ''}\n")
-    print("| model | arch | input px | /predict p50 ms | p95 ms | handler p50 ms | predictor p50 ms | "
-          "/predict ÷ predictor | n |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, arch, size, p50, p95, h50, own, n in rows:
-        print(f"| {name} | {arch} | {size} | {p50:.0f} | {p95:.0f} | {h50:.0f} | {own:.0f} | {p50 / own:.1f}x | {n} |")
+    print("| model | arch | input px | gradio_client p50 ms | p95 ms | HTTP API p50 ms | handler p50 ms | "
+          "predictor p50 ms | gradio_client ÷ predictor | HTTP API ÷ predictor | n |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, arch, size, p50, p95, h50, hand, own, n in rows:
+        print(f"| {name} | {arch} | {size} | {p50:.0f} | {p95:.0f} | {h50:.0f} | {hand:.0f} | {own:.0f} | "
+              f"{p50 / own:.1f}x | {h50 / own:.1f}x | {n} |")
+    print(f"| (do-nothing endpoint, same inputs and file) | | | {np.percentile(floors[0], 50):.0f} | "
+          f"{np.percentile(floors[0], 95):.0f} | {np.percentile(floors[1], 50):.0f} | | | | | {len(floors[0])} |")
     print(f"\np50/p95: client-side, upload to result (outputs {'downloaded' if args.download else 'not downloaded'}; "
-          "client and server share this process). handler: the predict function called directly (decode, "
-          "forward, overlays; no HTTP). predictor: read_image + Predictor.analyze on the same file, in process.")
+          "clients and servers share this process). HTTP API: upload + /gradio_api/call/predict + its event "
+          "stream over one kept-alive httpx connection. handler: the predict function called directly (decode, "
+          "forward, overlay; no HTTP). predictor: read_image + Predictor.analyze on the same file, in process. "
+          "The do-nothing row is each client's floor: what it costs before the app does any work.")
 
 
 if __name__ == "__main__":
