@@ -119,6 +119,10 @@ def _check_pixels(height: int, width: int, max_pixels: int) -> None:
 
 def _scale(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Scale to float32 [0, 1] by [lo, hi] (default: the image's own min/max)."""
+    if arr.dtype == np.uint8 and (lo, hi) == (0, 255):  # 8-bit films: finite and in range, one pass (~5x faster)
+        if arr.min() == arr.max():
+            raise ImageReadError("image is blank (all pixels have the same value)")
+        return arr.astype(np.float32) * np.float32(1 / 255)
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise ImageReadError("image contains invalid (non-finite) pixel values")

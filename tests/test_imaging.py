@@ -258,3 +258,16 @@ def test_to_uint8(chest_cr):
     assert out.dtype == np.uint8 and out.shape == chest_cr.pixels.shape and out.min() == 0 and out.max() == 255
     np.testing.assert_array_equal(to_uint8(np.array([[-1.0, 0.0, 0.5, 1.0, 2.0]])), [[0, 0, 128, 255, 255]])
     assert to_uint8(np.zeros((2, 2), np.uint8)).dtype == np.uint8
+
+
+def test_8bit_fast_scale_equals_the_general_one(data_dir):
+    """8-bit films take a one-pass path; it gives the general path's float32 pixels."""
+    from chestxray.imaging import _scale
+
+    raw = np.asarray(Image.open(data_dir / "nih/full_res/00000100_000.png").convert("L"))
+    fast = read_image(data_dir / "nih/full_res/00000100_000.png").pixels
+    general = _scale(raw.astype(np.float32), 0, 255)
+    assert fast.dtype == np.float32 and fast.shape == raw.shape
+    np.testing.assert_allclose(fast, general, rtol=0, atol=1e-7)
+    with pytest.raises(ImageReadError, match="blank"):
+        _scale(np.full((8, 8), 7, np.uint8), 0, 255)
