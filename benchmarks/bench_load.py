@@ -6,7 +6,11 @@ from ``--clients`` concurrent clients, and reports: answered / politely refused 
 lost or failed, latency p50/p95, and the server's resident memory after the first ``--warmup``
 requests and at the end (Grad-CAM hook or cache leaks show up as growth).
 
-    python benchmarks/bench_load.py [--clients 16] [--requests 400] [--queue 32]
+    python benchmarks/bench_load.py [--clients 16] [--requests 400] [--queue 32] [--client http]
+
+Clients: gradio_client (default), or ``http``: Gradio's plain HTTP API over one kept-alive connection per
+client (``bench_app.http_predict``; what curl or another service would send). The clients run in this
+process, on the same cores as the server: gradio_client's polling threads cost the server CPU time.
 """
 from __future__ import annotations
 
@@ -117,8 +121,8 @@ class LoadResult:
 
 
 def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: list[Path] | None = None,
-         timeout: float = 300.0, download: bool = False) -> LoadResult:
-    """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each).
+         timeout: float = 300.0, download: bool = False, kind: str = "gradio_client") -> LoadResult:
+    """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each, of ``kind``).
 
     The clients do not download the output files unless ``download`` (as in ``bench_app``): on a 2-core
     machine the 16 clients share the CPU with the server, and fetching every PNG cost them about as much
@@ -130,12 +134,21 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
     counter = itertools.count()
 
     def worker(_: int) -> None:
-        client = Client(url, verbose=False, analytics_enabled=False, **({} if download else {"download_files": False}))
+        if kind == "http":
+            import httpx
+
+            from benchmarks.bench_app import http_predict
+
+            http = httpx.Client(timeout=timeout)
+            call = lambda path: http_predict(http, url, path, model, "gradcam", 0.4, "minmax", False)  # noqa: E731
+        else:
+            client = Client(url, verbose=False, analytics_enabled=False,
+                            **({} if download else {"download_files": False}))
+            call = lambda path: client.submit(handle_file(path), model, api_name="/predict").result(timeout)  # noqa: E731
         while (i := next(counter)) < n_requests:
             t = time.perf_counter()
             try:
-                job = client.submit(handle_file(str(images[i % len(images)])), model, api_name="/predict")
-                job.result(timeout=timeout)
+                call(str(images[i % len(images)]))
                 outcome, msg = "ok", None
             except Exception as err:  # noqa: BLE001 - every failure is classified and counted
                 msg = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -161,18 +174,21 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model name (default: the app's default)")
     ap.add_argument("--app", default=None, help="another checkout's app.py (default: this one's)")
     ap.add_argument("--download", action="store_true", help="clients download every output file")
+    ap.add_argument("--client", choices=["gradio_client", "http"], default="gradio_client",
+                    help="gradio_client, or Gradio's plain HTTP API")
     args = ap.parse_args()
     server = start_app({"CHESTXRAY_QUEUE": str(args.queue)}, app=args.app)
     try:
-        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model, download=args.download)
+        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model, download=args.download,
+                    kind=args.client)
         rss_warm = server.rss_mb()
         cpu0, own0 = server.cpu_s(), time.process_time()
         t0 = time.perf_counter()
         half = (args.requests - args.warmup) // 2
-        res = fire(server.url, half, args.clients, args.model, download=args.download)
+        res = fire(server.url, half, args.clients, args.model, download=args.download, kind=args.client)
         rss_mid = server.rss_mb()
         res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model,
-                    download=args.download)
+                    download=args.download, kind=args.client)
         wall = time.perf_counter() - t0
         rss_end = server.rss_mb()
         cpu_server, cpu_clients = server.cpu_s() - cpu0, time.process_time() - own0
@@ -182,7 +198,7 @@ def main() -> int:
     finally:
         server.stop()
     lat = sorted(res.latencies)
-    print(f"{args.app or 'app.py'}: {args.clients} clients, {args.requests} requests ({args.warmup} warm-up), "
+    print(f"{args.app or 'app.py'}: {args.clients} {args.client} clients, {args.requests} requests ({args.warmup} warm-up), "
           f"queue max_size {args.queue}, outputs {'downloaded' if args.download else 'not downloaded'}\n")
     print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
           f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
