@@ -128,6 +128,7 @@ def main(argv=None) -> None:
 
     demo = app.create_demo()
     demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
+    app.tune_queue(demo)
     _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="25mb")
     floor = floor_demo().queue()
     _, floor_url, _ = floor.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)

@@ -58,6 +58,7 @@ def served(env):
 
     demo = app.create_demo()  # reads $CHESTXRAY_MODELS / $CHESTXRAY_WEIGHTS now
     demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
+    app.tune_queue(demo)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                             max_file_size="25mb")
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(env / "client"))
@@ -90,6 +91,17 @@ def test_api_endpoints(served):
             "/report"} <= set(api)
     assert [p["parameter_name"] for p in api["/predict"]["parameters"]][:2] == ["file", "model"]
     assert api["/predict"]["returns"][0]["component"] == "Label"
+
+
+def test_queue_polls_at_the_apps_interval(served):
+    """The polling knob app.tune_queue sets is the one Gradio's queue loop reads (a rename would void it)."""
+    import inspect
+
+    from gradio.queueing import Queue
+
+    app, demo, _ = served
+    assert "await asyncio.sleep(self.sleep_when_free)" in inspect.getsource(Queue.start_processing)
+    assert demo._queue.sleep_when_free == app.QUEUE_POLL_S == 0.005
 
 
 def test_predict_png_matches_predictor(served, data_dir, forwards):

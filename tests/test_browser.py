@@ -39,6 +39,7 @@ def url(tmp_path_factory):
 
     demo = app.create_demo()
     demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
+    app.tune_queue(demo)
     _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                                   max_file_size="25mb")
     yield local_url
