@@ -113,6 +113,13 @@ def configure_torch() -> None:
 
 
 QUEUE_SIZE = int(os.environ.get("CHESTXRAY_QUEUE", 32))
+MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
+MAX_GALLERY = 8
+GALLERY_SIDE = 256  # gallery thumbnails: smaller images to draw, encode and send
+#: gr.Label shows (and the API returns) this many labels: more than any label set, so all of them.
+NUM_TOP = 32
+#: Heatmap scales (chestxray.cam.SCALES) as the app names them.
+SCALE_NAMES = {"minmax": "Per-label range (min-max)", "probability": "Scaled by probability"}
 #: How often Gradio's queue looks for a free worker while requests wait. Gradio polls every 1 ms, which on
 #: 2 cores under 16 clients kept its event loop busy (py-spy: ~20% of a core in select); 5 ms gave +8%
 #: requests/s in bench_load (5.53 -> 5.98) for at most 5 ms more wait before a request starts.
@@ -122,13 +129,8 @@ QUEUE_POLL_S = float(os.environ.get("CHESTXRAY_QUEUE_POLL_S", 0.005))
 def tune_queue(demo: gr.Blocks) -> None:
     """Sets the queue's polling interval (:data:`QUEUE_POLL_S`); call after ``demo.queue()``."""
     demo._queue.sleep_when_free = QUEUE_POLL_S  # Gradio's own knob (tests/test_app.py checks it still exists)
-MAX_BATCH = int(os.environ.get("CHESTXRAY_MAX_BATCH", 64))
-MAX_GALLERY = 8
-GALLERY_SIDE = 256  # gallery thumbnails: smaller images to draw, encode and send
-#: gr.Label shows (and the API returns) this many labels: more than any label set, so all of them.
-NUM_TOP = 32
-#: Heatmap scales (chestxray.cam.SCALES) as the app names them.
-SCALE_NAMES = {"minmax": "Per-label range (min-max)", "probability": "Scaled by probability"}
+
+
 TITLE = "Chest X-ray findings: research demo"
 DISCLAIMER = """
 <div style="border:1px solid #d97706;border-radius:8px;padding:10px 14px;background:rgba(217,119,6,.08)">
