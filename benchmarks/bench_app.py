@@ -22,14 +22,11 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
 
 from chestxray.layout import default_data_root  # noqa: E402
 
@@ -84,16 +81,11 @@ def http_predict(http, url: str, path: str, *args) -> list:
     raise RuntimeError("/predict: the event stream ended without a result")
 
 
-def timed(fn, n: int, warm: int = 2) -> list[float]:
-    """Milliseconds of ``n`` calls of ``fn`` after ``warm`` untimed ones."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
+def timed_ms(fn, n: int) -> tuple[float, float]:
+    """(p50, p95) milliseconds of ``n`` calls of ``fn`` after 2 untimed ones (first load, caches)."""
+    from benchmarks.bench_inference import timed
+
+    return tuple(1000 * t for t in timed(fn, n, warmup=2))
 
 
 def main(argv=None) -> None:
@@ -140,21 +132,20 @@ def main(argv=None) -> None:
     image = handle_file(args.image)
     rows = []
     try:
-        floors = (timed(lambda: floor_client.predict(image, "x", "y", 0.4, api_name="/predict"), args.n),
-                  timed(lambda: http_predict(http, floor_url, args.image, "x", "y", 0.4), args.n))
+        floors = (timed_ms(lambda: floor_client.predict(image, "x", "y", 0.4, api_name="/predict"), args.n),
+                  timed_ms(lambda: http_predict(http, floor_url, args.image, "x", "y", 0.4), args.n))
         for name in names:
-            times = timed(lambda: client.predict(image, name, args.method, 0.4, api_name="/predict"), args.n)
-            plain = timed(lambda: http_predict(http, url, args.image, name, args.method, 0.4, "minmax", False),
-                          args.n)
+            p50, p95 = timed_ms(lambda: client.predict(image, name, args.method, 0.4, api_name="/predict"), args.n)
+            plain, _ = timed_ms(lambda: http_predict(http, url, args.image, name, args.method, 0.4, "minmax",
+                                                     False), args.n)
             # the same work called in-process: the app's own cost without HTTP/Gradio transport
-            handler = timed(lambda: demo.service.predict(args.image, name, args.method, 0.4), max(3, args.n // 2))
+            handler, _ = timed_ms(lambda: demo.service.predict(args.image, name, args.method, 0.4),
+                                  max(3, args.n // 2))
             predictor = demo.service.registry.get(name)
             # the predictor's own work on the same file: decode + analyze, in process
-            own = timed(lambda: predictor.analyze(read_image(args.image)), max(5, args.n))
+            own, _ = timed_ms(lambda: predictor.analyze(read_image(args.image)), max(5, args.n))
             card = demo.service.registry.card(name)
-            rows.append((name, card.get("arch"), card.get("img_size"), np.percentile(times, 50),
-                         np.percentile(times, 95), np.percentile(plain, 50), np.percentile(handler, 50),
-                         np.percentile(own, 50), len(times)))
+            rows.append((name, card.get("arch"), card.get("img_size"), p50, p95, plain, handler, own, args.n))
     finally:
         http.close()
         client.close()
@@ -174,8 +165,8 @@ def main(argv=None) -> None:
     for name, arch, size, p50, p95, h50, hand, own, n in rows:
         print(f"| {name} | {arch} | {size} | {p50:.0f} | {p95:.0f} | {h50:.0f} | {hand:.0f} | {own:.0f} | "
               f"{p50 / own:.1f}x | {h50 / own:.1f}x | {n} |")
-    print(f"| (do-nothing endpoint, same inputs and file) | | | {np.percentile(floors[0], 50):.0f} | "
-          f"{np.percentile(floors[0], 95):.0f} | {np.percentile(floors[1], 50):.0f} | | | | | {len(floors[0])} |")
+    print(f"| (do-nothing endpoint, same inputs and file) | | | {floors[0][0]:.0f} | {floors[0][1]:.0f} | "
+          f"{floors[1][0]:.0f} | | | | | {args.n} |")
     print(f"\np50/p95: client-side, upload to result (outputs {'downloaded' if args.download else 'not downloaded'}; "
           "clients and servers share this process). HTTP API: upload + /gradio_api/call/predict + its event "
           "stream over one kept-alive httpx connection. handler: the predict function called directly (decode, "
