@@ -144,7 +144,8 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
         else:
             client = Client(url, verbose=False, analytics_enabled=False,
                             **({} if download else {"download_files": False}))
-            call = lambda path: client.submit(handle_file(path), model, api_name="/predict").result(timeout)  # noqa: E731
+            call = lambda path: (  # noqa: E731
+                client.submit(handle_file(path), model, api_name="/predict").result(timeout))
         while (i := next(counter)) < n_requests:
             t = time.perf_counter()
             try:
@@ -198,7 +199,8 @@ def main() -> int:
     finally:
         server.stop()
     lat = sorted(res.latencies)
-    print(f"{args.app or 'app.py'}: {args.clients} {args.client} clients, {args.requests} requests ({args.warmup} warm-up), "
+    print(f"{args.app or 'app.py'}: {args.clients} {args.client} clients, {args.requests} requests "
+          f"({args.warmup} warm-up), "
           f"queue max_size {args.queue}, outputs {'downloaded' if args.download else 'not downloaded'}\n")
     print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
           f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
