@@ -90,7 +90,8 @@ EXAMPLES = {"00001369_000.png": "Cardiomegaly", "00012628_000.png": "Effusion",
 
 #: Concurrent model calls: one shared limit (concurrency_id "model") for every event that runs a model: one
 #: request per core (at most 4; on a GPU too, unless $CHESTXRAY_CONCURRENCY says otherwise), each forward pass
-#: on cores // CONCURRENCY torch threads (1 on 2 cores): most of a request is single-threaded work (decoding, drawing, PNG, HTTP) that a second request overlaps, and
+#: on cores // CONCURRENCY torch threads (1 on 2 cores): most of a request is single-threaded work (decoding,
+#: drawing, PNG, HTTP) that a second request overlaps, and
 #: OpenMP's two threads on two busy cores (16 clients, other processes) spin against each other: measured here
 #: under load, 62 ms per efficientnet_b0 forward on 1 thread against 490 ms on 2. Batching two requests' forwards
 #: on 1 thread gave no gain per image (89 ms each), so requests are not batched.
@@ -188,6 +189,12 @@ def user_errors(fn):
 
 def _error(text: str) -> gr.Error:
     return gr.Error(text, print_exception=False)
+
+
+def _analysed(state: dict | None, key: str = "analysis") -> None:
+    """Stops with the one-line message when the session holds no analysis (or no ``key``) to draw from."""
+    if not state or key not in state:
+        raise _error("Analyze an image first.")
 
 
 def _path(file) -> str:
@@ -495,8 +502,7 @@ class ViewerReport:
     def window(self, preset: str, center: float, width: float, state: dict):
         """Re-windows the film (a preset, or "Custom" with centre and width in the file's stored units) and
         redraws the overlay from the stored analysis. The model's input is not affected."""
-        if not state:
-            raise _error("Analyze an image first.")
+        _analysed(state)
         film = state.get("film")
         if film is None:
             raise _error("Window/level needs a DICOM or 16-bit image; this file's 8-bit pixels are shown as stored.")
@@ -553,8 +559,7 @@ class ViewerReport:
         """The study as shown now (label, map, scale, window) as a PDF and a JSON file: every probability with
         its threshold, the model and its card line, the input warnings, the disclaimer. No forward pass; no
         file name and no DICOM header field other than the technical ones the reader keeps."""
-        if not state or "view" not in state:
-            raise _error("Analyze an image first.")
+        _analysed(state, "view")
         a, v = viewed(state), state["view"]
         overlay = a.overlay(v["label"], v["alpha"], scale=v["scale"], cam=_current_cam(state), colorbar=True,
                             boxes=v.get("boxes", False))
@@ -671,8 +676,7 @@ class Service(ViewerReport):
     @user_errors
     def extras(self, alpha, state):
         """The decoded film as analysed and the gallery of labels above threshold, from the stored analysis."""
-        if not state:
-            raise _error("Analyze an image first.")
+        _analysed(state)
         folder = OUT.new_dir()
         decoded = OUT.png(state["analysis"]["image"], folder / "image.png")  # the uint8 film pack() kept
         return decoded, self._gallery(viewed(state), alpha, folder)
@@ -680,8 +684,7 @@ class Service(ViewerReport):
     @user_errors
     def explain(self, label, method, alpha, scale, state, boxes=False):
         """Re-renders the overlay for another label, method, opacity, scale or boxes without running the model."""
-        if not state:
-            raise _error("Analyze an image first.")
+        _analysed(state)
         return (*self._render(state, label, method, alpha, scale, boxes=boxes), state)
 
     @user_errors
