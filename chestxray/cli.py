@@ -1,4 +1,4 @@
-"""Command line: ``chestxray {predict,evaluate,localize,train,release,recard,publish,fit-gate} ...``.
+"""Command line: ``chestxray {predict,evaluate,localize,train,cv,release,recard,publish,fit-gate} ...``.
 
 Installed as the ``chestxray`` console script; ``python -m chestxray`` is the same. User errors
 (unreadable images, unknown models, bad options) end with one ``error:`` line and a non-zero exit
@@ -228,6 +228,17 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return train_main(list(rest))
 
 
+def cmd_cv(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """Hands the remaining arguments to :func:`chestxray.cv.main` (the train flags plus the fold options)."""
+    from chestxray.cv import main as cv_main
+
+    return cv_main(list(rest))
+
+
+#: Commands that parse their own flags (their ``--help`` is theirs).
+OWN_FLAGS = {"train": cmd_train, "cv": cmd_cv}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``chestxray`` argument parser (``train``'s own flags are parsed by :mod:`chestxray.train_cli`)."""
     p = argparse.ArgumentParser(
@@ -288,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("train", "train a model: defaults < YAML recipe (--config) < flags; 'chestxray train --help' lists "
                      "every option", "chestxray train --config train/configs/resnet18.yaml --epochs 3",
             add_help=False)  # main() hands it the remaining arguments: `chestxray train --help` is train_cli's
+    command("cv", "patient-wise k-fold cross-validation of a recipe (resumable), evaluated out of fold; "
+                  "'chestxray cv --help' lists every option", "chestxray cv --config train/configs/cv/efficientnet_lite0.yaml",
+            add_help=False)
 
     rl = command("release", "evaluate a training run and install it as a shipped checkpoint",
                  "chestxray release runs/resnet18 --name resnet18")
@@ -347,14 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":  # `train` parses its own flags (chestxray.train_cli)
+    if rest and args.command not in OWN_FLAGS:  # `train` and `cv` parse their own flags
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command != "train":  # training logs its progress at INFO level itself (chestxray.train_cli)
+    if args.command not in OWN_FLAGS:  # training logs its progress at INFO level itself (chestxray.train_cli)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from chestxray.imaging import ImageReadError  # after parsing: --help never imports the imaging stack
 
     try:
-        return cmd_train(args, rest) if args.command == "train" else args.func(args)
+        return OWN_FLAGS[args.command](args, rest) if args.command in OWN_FLAGS else args.func(args)
     except (ImageReadError, CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {msg}", file=sys.stderr)

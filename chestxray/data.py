@@ -235,10 +235,8 @@ def patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0
                   stratify_by: Sequence[str] | None = None) -> pd.Series:
     """Assigns "train"/"val"/"test" to every row, grouping rows by ``patient`` (never by image).
 
-    Greedy iterative stratification on patients: patients holding positives of the rarest labels
-    are placed first, each into the split that still lacks most positives of that label (ties: most
-    images lacking, then a seeded hash); the rest fill the image quotas in seeded-hash order. So
-    every split gets its share of rare findings (and, with several sources, of each source).
+    Greedy iterative stratification on patients (:func:`stratified_groups`), so every split gets its
+    share of rare findings (and, with several sources, of each source).
 
     Args:
         stratify_by: label columns to balance; default all label columns (plus one indicator per
@@ -247,7 +245,46 @@ def patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0
     fracs = {"train": 1.0 - val_frac - test_frac, "val": val_frac, "test": test_frac}
     if min(fracs.values()) < 0:
         raise ValueError(f"val_frac + test_frac must be <= 1, got {val_frac} + {test_frac}")
-    active = [s for s in SPLITS if fracs[s] > 0]
+    return stratified_groups(df, {s: f for s, f in fracs.items() if f > 0}, seed, stratify_by).rename("split")
+
+
+def patient_folds(df: pd.DataFrame, k: int, seed: int = 0, cohorts: Sequence[str] = ()) -> pd.Series:
+    """Patient-wise, label-stratified k-fold assignment: fold numbers 0..k-1 per row (``int``).
+
+    The same greedy stratification as :func:`patient_split`, with k equal shares, so every fold holds
+    about 1/k of each label's positives and of each source; a patient's films share one fold. The
+    patients of each of ``cohorts`` (e.g. NIH's label-balanced films) are folded on their own first,
+    so each fold holds 1/k of that cohort too.
+    """
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    fracs = {f"fold{i}": 1.0 / k for i in range(k)}
+    groups = pd.Series("", index=df.index, dtype=object)
+    rest = np.ones(len(df), dtype=bool)
+    for cohort in cohorts:
+        patients = set(df.loc[(df["cohort"] == cohort).to_numpy() & rest, "patient"])
+        rows = df["patient"].isin(patients).to_numpy() & rest
+        if rows.any():
+            groups[rows] = stratified_groups(df[rows], fracs, seed).to_numpy()
+            rest &= ~rows
+    if rest.any():
+        groups[rest] = stratified_groups(df[rest], fracs, seed).to_numpy()
+    return groups.str.slice(4).astype(int).rename("fold")
+
+
+def stratified_groups(df: pd.DataFrame, fracs: Mapping[str, float], seed: int = 0,
+                      stratify_by: Sequence[str] | None = None) -> pd.Series:
+    """Assigns each patient's rows to one of ``fracs``' groups (shares of the images), stratified.
+
+    Patients holding positives of the rarest labels are placed first, each into the group that still
+    lacks most positives of that label (ties: most images lacking, then a seeded hash); the rest fill
+    the image quotas in seeded-hash order.
+
+    Args:
+        fracs: ``{group name: share}``, every share > 0.
+        stratify_by: as for :func:`patient_split`.
+    """
+    active = list(fracs)
     if stratify_by is None:
         stratify_by = label_columns(df)
         indicators = pd.DataFrame({c: (df[c] == 1.0) for c in stratify_by}, index=df.index)
@@ -284,7 +321,7 @@ def patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0
         assignment[pid] = best
         need_n[best] -= n_images[i] / fracs[best]
         need[best] = need[best] - counts[i] / fracs[best]
-    return pd.Series([assignment[p] for p in df["patient"]], index=df.index, name="split", dtype=object)
+    return pd.Series([assignment[p] for p in df["patient"]], index=df.index, name="group", dtype=object)
 
 
 def parse_cohort_fracs(specs: Sequence[str]) -> dict[str, tuple[float, float]]:

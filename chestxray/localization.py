@@ -105,6 +105,11 @@ def pointing_game(predictor: Predictor, boxes: pd.DataFrame, images_dir: str | o
                           "prob": float(analysis.probs[predictor.labels.index(label)]),
                           "iou": max((mask_iou(f, mask) for f in found), default=0.0),
                           "n_gt_boxes": int(len(b)), "n_pred_boxes": len(found)})
+    return pairs_result(pairs)
+
+
+def pairs_result(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The :func:`pointing_game` result of a list of its pairs (e.g. pooled over cross-validation folds)."""
     table = pd.DataFrame(pairs, columns=["image", "label", "box_source", "hit", "chance", "prob", "iou",
                                          "n_gt_boxes", "n_pred_boxes"])
     overall = _summary(table)

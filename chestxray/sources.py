@@ -62,6 +62,8 @@ COLLECTIONS: dict[str, Collection] = {
                         "a licence per image (its `license` column); many are non-commercial",
                         "COVID-19 image data collection, Cohen et al. 2020 (per-image licences)."),
     "tbx11k": Collection("TBX11K (Liu et al., CVPR 2020)", "CC BY 4.0", "TBX11K: Liu et al., CVPR 2020 (CC BY 4.0)."),
+    "covid_cxnet": Collection("COVID-CXNet collection (Haghanifar et al., 2022)", "CC BY 4.0",
+                              "COVID-CXNet: Haghanifar et al., Multimedia Tools and Applications 2022 (CC BY 4.0)."),
 }
 
 #: NIH annotates every label it can answer from its findings: its 14 findings, No Finding, the
@@ -81,6 +83,10 @@ SOURCES: dict[str, Source] = {
     # bacterial, ...) and its few normal films are COVID-19 negatives.
     "covid": Source("covid/labels.csv", "covid/images", "covid", "COVID-19 image collection",
                     annotated=("Pneumonia", NO_FINDING), diagnosis_cols={"COVID-19": "original_finding"}),
+    # COVID-CXNet (adult films from web sources): every film is of a COVID-19 patient, read as pneumonia
+    # or, for 35, as normal. A patient ID for about half; the rest are one film one patient.
+    "covid_cxnet": Source("covid_cxnet/labels.csv", "covid_cxnet/images", "covid_cxnet", "COVID-CXNet collection",
+                          annotated=("Pneumonia", NO_FINDING), diagnosis_cols={"COVID-19": "source_label"}),
     # TBX11K has no patient column: one image is taken as one patient (noted in the manifest).
     # Only its tuberculosis films are here (active and latent alike are Tuberculosis positives).
     "tbx11k": Source("tbx11k/labels.csv", "tbx11k/images", "tbx11k", "TBX11K tuberculosis",

@@ -39,6 +39,9 @@ HELP = {
     "test_list": "file of test image names (--split lists)",
     "val_frac": "share of patients held out for validation",
     "test_frac": "share of patients held out for test",
+    "folds": "k-fold cross-validation: fold --fold's patients are held out as validation (0 = off; see chestxray cv)",
+    "fold": "the held-out fold (0..folds-1) with --folds",
+    "select": "best (best validation epoch, early stopping) or last (the final epoch of a fixed schedule)",
     "img_size": "input side in pixels",
     "epochs": "maximum number of epochs",
     "batch_size": "images per optimizer step (per process)",
@@ -109,12 +112,16 @@ def build_parser(prog: str = "chestxray train") -> argparse.ArgumentParser:
 
 def resolve_config(argv: Sequence[str] | None = None, prog: str = "chestxray train") -> TrainConfig:
     """Defaults < YAML < flags."""
-    args = build_parser(prog).parse_args(argv)
+    return config_from_args(build_parser(prog).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace, exclude: Sequence[str] = ()) -> TrainConfig:
+    """Defaults < YAML (``args.config``) < the flags given; ``exclude`` names options that are not TrainConfig's."""
     values: dict = {}
     if args.config:
         values.update(load_recipe(args.config))
         values["recipe_file"] = Path(args.config).as_posix()
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values.update({k: v for k, v in vars(args).items() if k != "config" and k not in exclude and v is not None})
     return TrainConfig.from_dict(values)
 
 

@@ -28,7 +28,7 @@ from chestxray.checkpoint import init_from_checkpoint, save_checkpoint
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
                             cohort_patient_split, format_label_counts, load_sources, masked_bce_loss,
-                            parse_cohort_fracs, pos_weights, read_manifest, split_from_lists)
+                            parse_cohort_fracs, patient_folds, pos_weights, read_manifest, split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
@@ -60,6 +60,11 @@ class TrainConfig:
     test_list: str | None = None
     val_frac: float = 0.15
     test_frac: float = 0.15
+    # k-fold cross-validation (``chestxray cv``): with folds = k, fold i's patients are the validation
+    # split (held out) and the other k-1 folds train; no test split.
+    folds: int = 0
+    fold: int = 0
+    select: str = "best"  # "best": keep the best validation epoch, stop early; "last": every epoch, no early stop
     img_size: int = 128
     epochs: int = 10
     batch_size: int = 32
@@ -122,7 +127,10 @@ def build_manifest(cfg: TrainConfig, labels: list[str]):
         df = read_manifest(cfg.csv, cfg.images or Path(cfg.csv).parent, labels, source=Path(cfg.csv).stem)
     else:
         df = load_sources(cfg.sources, cfg.data_root, labels)
-    if cfg.split_from:
+    if cfg.folds:  # cross-validation: the cohorts given larger held-out shares are folded on their own
+        df["fold"] = patient_folds(df, cfg.folds, seed=cfg.seed, cohorts=list(parse_cohort_fracs(cfg.cohort_fracs)))
+        df["split"] = np.where(df["fold"] == cfg.fold, "val", "train").astype(object)
+    elif cfg.split_from:
         # The teacher's val/test patients stay out of training; images it never had are split anew.
         known = splits_from_run(df, cfg.split_from)
         per_patient = known.dropna().groupby(df["patient"]).first()
@@ -195,6 +203,10 @@ class Trainer:
         self.rank, self.world = _dist()
         self.out = Path(cfg.out)
         self.labels = get_label_set(cfg.labels)
+        if cfg.select not in ("best", "last"):
+            raise ValueError(f"select must be best or last, got {cfg.select!r}")
+        if cfg.folds and not 0 <= cfg.fold < cfg.folds:
+            raise ValueError(f"fold {cfg.fold} is not among the {cfg.folds} folds (0..{cfg.folds - 1})")
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -217,6 +229,15 @@ class Trainer:
                 self.cache = build_cache(self.df, cfg.img_size, cfg.cache_dir, progress=False)
         self.sets = {s: XrayDataset(self.cache, self.df[self.df["split"] == s], self.labels)
                      for s in ("train", "val", "test")}
+        # The validation films that choose the epoch and thresholds (all of them without val_sources):
+        # only these are predicted each epoch.
+        val = self.df[self.df["split"] == "val"]
+        named = val["source"].isin(cfg.val_sources) | val["cohort"].isin(cfg.val_sources)
+        if cfg.val_sources and named.any():
+            val = val[named]
+        elif cfg.val_sources:
+            log.warning("no validation film is of %s: every validation film selects", cfg.val_sources)
+        self.sets["select"] = XrayDataset(self.cache, val, self.labels)
         self.pos_weight = pos_weights(self.sets["train"].df, self.labels, cfg.pos_weight_max)
         if cfg.teacher:  # soft targets ride along as K extra target columns of the training set
             train = self.sets["train"]
@@ -389,18 +410,17 @@ class Trainer:
                 dist.barrier()
             stop = False
             if self.rank == 0:
-                y, p = self.predict("val")
-                if cfg.val_sources:  # select and set thresholds on e.g. NIH's balanced films only
-                    vdf = self.sets["val"].df
-                    keep = (vdf["source"].isin(cfg.val_sources) | vdf["cohort"].isin(cfg.val_sources)).to_numpy()
-                    y, p = y[keep], p[keep]
+                y, p = self.predict("select")  # e.g. NIH's balanced validation films only (val_sources)
                 val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)),
                                                  torch.from_numpy(y)))
                 val_auc = mean_auroc(y, p)
                 if cfg.schedule == "plateau":
                     self.sched.step(val_auc if not math.isnan(val_auc) else 0.0)
                 improved = not math.isnan(val_auc) and val_auc > best
-                if improved or best < 0:
+                if cfg.select == "last":  # a fixed schedule: the final epoch is the model, whatever validation says
+                    self.save_best(y, p, epoch + 1, val_auc if not math.isnan(val_auc) else 0.0)
+                    best, bad = (val_auc if improved else best), 0
+                elif improved or best < 0:
                     best, bad = (val_auc if not math.isnan(val_auc) else best), 0
                     self.save_best(y, p, epoch + 1, val_auc if not math.isnan(val_auc) else 0.0)
                 else:

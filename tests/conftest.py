@@ -26,6 +26,7 @@ DATA = Path(default_data_root())  # $CHESTXRAY_DATA, else shared/data beside the
 SLOW_FIXTURES = {
     "served",  # tests/test_app.py: the Gradio app built and served over HTTP, then each call through it
     "trained",  # tests/test_training.py: a model trained for six epochs
+    "cv_run",  # tests/test_cv.py: three folds trained, predicted and pooled
 }
 #: Slow tests in files owned elsewhere just now, marked by node id (a decorator in the file is better).
 SLOW_TESTS: set[str] = set()  # test IDs to mark slow from here (prefer a decorator in the test file)

@@ -90,13 +90,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_command_and_option_is_explained():
+    from chestxray.cv import build_parser as cv_parser
     from chestxray.train_cli import HELP, build_parser as train_parser
     from chestxray.training import TrainConfig
 
     parser = build_parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"predict", "evaluate", "localize", "train", "release", "publish", "fit-gate", "recard"}
-    for name, sub in {**commands, "train (flags)": train_parser()}.items():
+    assert set(commands) == {"predict", "evaluate", "localize", "train", "cv", "release", "publish", "fit-gate",
+                             "recard"}
+    for name, sub in {**commands, "train (flags)": train_parser(), "cv (flags)": cv_parser()}.items():
         assert sub.epilog and "example" in sub.epilog and "chestxray" in sub.epilog, name
         for action in sub._actions:
             if not isinstance(action, argparse._HelpAction):

@@ -1,0 +1,296 @@
+"""``chestxray cv``: patient-wise k-fold cross-validation of a training recipe, resumable fold by fold.
+
+Every labelled film is held out exactly once. Fold ``i`` is an ordinary training run
+(:class:`~chestxray.training.TrainConfig` with ``folds=k, fold=i``): its patients are that run's
+validation split and the other folds train. The schedule is fixed (``select="last"``: the final epoch
+is the model, no early stopping), so nothing is chosen on the held-out films; their per-epoch AUROC
+is logged as a learning curve only. The held-out films are then predicted through the product's own
+path (:func:`chestxray.evaluate.predict_paths`: ``read_image`` + the checkpoint's preprocessing) and
+pooled. The pooled out-of-fold predictions are evaluated like ``chestxray evaluate`` does (headline on
+the label-balanced NIH films with a bootstrap CI, mixed and per-source figures, calibration, the
+pointing game on each fold's held-out boxed films). Operating thresholds (on the recipe's
+``val_sources`` films) and temperatures (on every film) are fitted on the out-of-fold predictions:
+what an all-data model trained with the same recipe ships (``chestxray release --cv``).
+
+Layout of ``<out>``::
+
+    fold<i>/            the fold's training run (best/, log.csv, manifest.csv with a ``fold`` column), DONE
+    fold<i>/oof.csv     its held-out films' logits (image path + one column per label)
+    fold<i>/pointing.json  the pointing-game pairs on its held-out boxed films
+    eval/               metrics.json, predictions.csv, roc.png, confusion.png, reliability.png (pooled)
+    cv.json             per-fold figures, the fitted thresholds and temperatures, the recipe
+
+A killed run resumes where it stopped: a fold without DONE continues from its last epoch, a fold with
+DONE but no ``oof.csv`` is predicted, and the pooled evaluation is redone from the files.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chestxray.training import TrainConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_FOLDS = 5
+OOF_FILE = "oof.csv"
+POINTING_FILE = "pointing.json"
+SUMMARY_FILE = "cv.json"
+LOGIT = "logit:"  # column prefix of the logits in oof.csv
+
+
+def fold_config(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) -> TrainConfig:
+    """Fold ``fold``'s training run: the recipe with ``folds``/``fold`` set, a fixed schedule, resumable."""
+    return dataclasses.replace(cfg, folds=folds, fold=fold, select="last", resume=True,
+                               out=str(Path(out) / f"fold{fold}"), push_to_hub=None)
+
+
+def run_fold(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) -> Path:
+    """Trains fold ``fold`` unless its DONE marker exists; returns the fold's run folder."""
+    fcfg = fold_config(cfg, folds, fold, out)
+    run = Path(fcfg.out)
+    if not (run / "DONE").exists():
+        from chestxray.training import train
+
+        t0 = time.perf_counter()
+        train(fcfg)
+        n_train = int(pd.read_csv(run / "manifest.csv", usecols=["split"])["split"].eq("train").sum())
+        (run / "DONE").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "n_train": n_train}))
+    return run
+
+
+def held_out(run: Path) -> pd.DataFrame:
+    """The fold's held-out films (its manifest's validation split)."""
+    df = pd.read_csv(run / "manifest.csv")
+    return df[df["split"] == "val"].reset_index(drop=True)
+
+
+def fold_logits(run: Path, data_root: str | os.PathLike, progress: bool = True) -> pd.DataFrame:
+    """The fold's held-out films with their targets and logits (``oof.csv``; computed once, then read).
+
+    The file stands alone (image path relative to ``data_root``, source, cohort, patient, fold, the targets
+    under the label names and the logits as ``logit:<label>``), so the pooled evaluation needs neither the
+    fold's checkpoint nor its manifest.
+    """
+    path = run / OOF_FILE
+    if path.is_file():
+        return pd.read_csv(path)
+    from chestxray.evaluate import predict_paths
+    from chestxray.predictor import Predictor
+
+    films = held_out(run)
+    predictor = Predictor.load(str(run / "best"), device="cpu")
+    z, _ = predict_paths(predictor, list(films["path"]), progress=progress, logits=True)
+    root = Path(data_root).resolve()
+    out = pd.DataFrame({"image": [Path(p).resolve().relative_to(root).as_posix() for p in films["path"]],
+                        "source": films["source"], "cohort": films["cohort"], "patient": films["patient"],
+                        "fold": films["fold"]})
+    for i, k in enumerate(predictor.labels):
+        out[k] = films[k]
+    for i, k in enumerate(predictor.labels):
+        out[LOGIT + k] = z[:, i]
+    tmp = path.with_suffix(".tmp")
+    out.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.rename(path)  # written whole or not at all: a killed run predicts the fold again
+    return out
+
+
+def fold_pointing(run: Path, data_root: str | os.PathLike, folder: str = "nih/images_384") -> list[dict[str, Any]]:
+    """Pointing-game pairs of the fold's final model on its held-out boxed films (``pointing.json``)."""
+    path = run / POINTING_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    from chestxray.localization import load_boxes, pointing_game
+    from chestxray.predictor import Predictor
+
+    keep = set(held_out(run)["path"].map(os.path.basename))
+    images = Path(data_root) / folder
+    exclude = set(os.listdir(images)) - keep  # only this fold's held-out films count here
+    result = pointing_game(Predictor.load(str(run / "best"), device="cpu"), load_boxes(data_root), images,
+                           exclude=exclude)
+    path.write_text(json.dumps(result["pairs"]))
+    return result["pairs"]
+
+
+def fit_on_oof(Y: np.ndarray, Z: np.ndarray, labels: list[str], select_rows: np.ndarray,
+               rule: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Operating thresholds (raw ``sigmoid(logit)`` scale, rule ``rule``, on ``select_rows``) and
+    per-label temperatures (every film) fitted on pooled out-of-fold logits."""
+    from chestxray.calibration import fit_temperatures, sigmoid
+    from chestxray.metrics import choose_threshold
+
+    P = sigmoid(Z)
+    thresholds = {k: round(float(choose_threshold(Y[select_rows, i], P[select_rows, i], rule)), 6)
+                  for i, k in enumerate(labels)}
+    temps = {k: round(t, 6) for k, t in fit_temperatures(Y, Z, labels).items()}
+    return thresholds, temps
+
+
+def oof_predictor(run: Path, thresholds: dict[str, float], temperatures: dict[str, float], fitted_on: str):
+    """Fold ``run``'s loaded model carrying the out-of-fold thresholds and temperatures: it stands for the
+    recipe's labels, thresholds and probability scale when the pooled predictions are evaluated."""
+    from chestxray.ckpt_config import Calibration
+    from chestxray.predictor import Predictor
+
+    base = Predictor.load(str(run / "best"), device="cpu")
+    meta = copy.deepcopy(base.ckpt.meta)
+    meta.calibration = Calibration(temperatures=temperatures, fitted_on=fitted_on) if temperatures else None
+    ckpt = dataclasses.replace(base.ckpt, thresholds=dict(thresholds), meta=meta)
+    return Predictor(ckpt, device="cpu")
+
+
+def _log_rows(run: Path) -> list[dict[str, Any]]:
+    path = run / "log.csv"
+    return pd.read_csv(path).to_dict("records") if path.is_file() else []
+
+
+def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+    """Pools the folds' held-out predictions, fits thresholds and temperatures on them and evaluates.
+
+    Returns the ``cv.json`` summary (also written), with the pooled metrics' headline figures.
+    """
+    from chestxray.calibration import sigmoid
+    from chestxray.evaluate import evaluate_manifest, has_boxes
+    from chestxray.localization import pairs_result
+    from chestxray.metrics import mean_auroc
+    from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP
+
+    out = Path(out)
+    runs = [out / f"fold{i}" for i in range(folds)]
+    frames, pairs, per_fold = [], [], []
+    for i, run in enumerate(runs):
+        films = fold_logits(run, cfg.data_root, progress=progress)
+        labels = [c[len(LOGIT):] for c in films.columns if c.startswith(LOGIT)]
+        frames.append(films)
+        if localize and ((run / POINTING_FILE).is_file() or has_boxes(cfg.data_root)):
+            pairs += fold_pointing(run, cfg.data_root)
+        rows = _log_rows(run)
+        done = json.loads((run / "DONE").read_text() or "{}")
+        bal = (films["cohort"] == HEADLINE_GROUP).to_numpy()
+        Yf, Zf = films[labels].to_numpy(np.float64), films[[LOGIT + k for k in labels]].to_numpy(np.float64)
+        per_fold.append({
+            "fold": i, "n_train": done.get("n_train"), "n_held_out": len(films), "n_balanced": int(bal.sum()),
+            "balanced_mean_auroc": _round(mean_auroc(Yf[bal], sigmoid(Zf[bal]))),
+            "epochs": len(rows), "train_seconds": done.get("seconds"),
+            # The learning curve on the held-out films: shown, never used to choose anything.
+            "val_curve": [_round(r.get("val_mean_auroc")) for r in rows],
+            "best_epoch_on_held_out": (int(max(rows, key=lambda r: r["val_mean_auroc"])["epoch"]) if rows else None)})
+    df = pd.concat(frames, ignore_index=True)
+    Z = df[[LOGIT + k for k in labels]].to_numpy(np.float64)
+    ok = ~np.isnan(Z).any(axis=1)
+    df, Z = df[ok].reset_index(drop=True), Z[ok]
+    df["path"] = [str(Path(cfg.data_root) / p) for p in df["image"]]
+    Y = df[labels].to_numpy(np.float64)
+    select = np.ones(len(df), dtype=bool)
+    if cfg.val_sources:
+        select = (df["source"].isin(cfg.val_sources) | df["cohort"].isin(cfg.val_sources)).to_numpy()
+    thresholds, temps = fit_on_oof(Y, Z, labels, select, cfg.threshold_rule)
+    fitted_on = f"out-of-fold predictions of {folds}-fold cross-validation, all sources ({len(df)} films)"
+    predictor = oof_predictor(runs[0], thresholds, temps, fitted_on)
+    loc = pairs_result(pairs) if pairs else None
+    name = Path(cfg.out).name
+    metrics = evaluate_manifest(predictor, df, out / "eval", n_boot=cfg.eval_boot, progress=progress, logits=Z,
+                                plot_group=HEADLINE_GROUP, localization=loc,
+                                title=f"{name}: ROC, {folds}-fold cross-validation, out of fold ({HEADLINE_GROUP})")
+    groups = metrics["by_group"]
+    summary = {
+        "recipe": cfg.recipe_file, "arch": cfg.arch, "img_size": cfg.img_size, "epochs": cfg.epochs,
+        "folds": folds, "seed": cfg.seed, "n_films": len(df), "sources": sorted(df["source"].unique().tolist()),
+        "headline_group": HEADLINE_GROUP, "mixed_group": MIXED_GROUP,
+        "mean_auroc": {g: _round(m["mean_auroc"]) for g, m in groups.items()},
+        "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()},
+        "n_images": {g: m["n_images"] for g, m in groups.items()},
+        "pneumonia_auroc": {g: _round(m["labels"].get("Pneumonia", {}).get("auroc")) for g, m in groups.items()},
+        "localization": ({k: loc[k] for k in ("n_pairs", "n_films", "hit_rate", "chance", "iou_hit_rate")}
+                         if loc else None),
+        "threshold_rule": cfg.threshold_rule, "thresholds_fitted_on": list(cfg.val_sources) or "all",
+        "thresholds": thresholds, "temperatures": temps, "temperatures_fitted_on": fitted_on,
+        "per_fold": per_fold, "config": dataclasses.asdict(cfg),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_jsonable))
+    return summary
+
+
+def _round(x: Any, nd: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
+def run_cv(cfg: TrainConfig, folds: int = DEFAULT_FOLDS, only_fold: int | None = None, localize: bool = True,
+           progress: bool = True) -> dict[str, Any] | None:
+    """Trains the folds not yet done (or only ``only_fold``), then, once all are done, pools and evaluates."""
+    from chestxray.evaluate import has_boxes
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in ([only_fold] if only_fold is not None else range(folds)):
+        run = run_fold(cfg, folds, i, out)
+        fold_logits(run, cfg.data_root, progress=progress)
+        if localize and has_boxes(cfg.data_root):
+            fold_pointing(run, cfg.data_root)
+    if not all((out / f"fold{i}" / "DONE").exists() for i in range(folds)):
+        log.info("folds still to train: %s", [i for i in range(folds) if not (out / f"fold{i}" / "DONE").exists()])
+        return None
+    return summarize(cfg, folds, out, localize=localize, progress=progress)
+
+
+EPILOG = """examples:
+  chestxray cv --config train/configs/cv/efficientnet_lite0.yaml            # all folds, then the pooled evaluation
+  chestxray cv --config train/configs/cv/efficientnet_lite0.yaml --only-fold 2   # one fold (e.g. on another machine)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``chestxray cv``'s flags: every ``train`` flag (``--out`` is the cross-validation folder) plus the fold options."""
+    from chestxray.train_cli import _bool, build_parser as train_parser
+
+    p = train_parser("chestxray cv")
+    p.description = ("Patient-wise k-fold cross-validation of a training recipe: each fold trains on the other "
+                     "folds for a fixed schedule, its held-out films are predicted, and the pooled out-of-fold "
+                     "predictions are evaluated. Resumable: run it again to continue.")
+    p.epilog = EPILOG
+    p.add_argument("--only-fold", type=int, default=None, metavar="I", help="train and predict only fold I")
+    p.add_argument("--localize", type=_bool, default=True, metavar="BOOL",
+                   help="pointing game on each fold's held-out boxed films (default true)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``chestxray cv``: trains the folds left, then pools and evaluates; returns the exit code."""
+    from chestxray.train_cli import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args, exclude=("only_fold", "localize"))
+        folds = cfg.folds or DEFAULT_FOLDS
+        if args.only_fold is not None and not 0 <= args.only_fold < folds:
+            raise ValueError(f"--only-fold {args.only_fold} is not among the {folds} folds")
+    except (ValueError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    summary = run_cv(cfg, folds, args.only_fold, localize=args.localize)
+    if summary is None:
+        print("folds left to train: run the same command again")
+        return 0
+    h, m = summary["headline_group"], summary["mixed_group"]
+    print(f"out-of-fold mean AUROC: {h} {summary['mean_auroc'].get(h)} {summary['mean_auroc_ci'].get(h)}, "
+          f"{m} {summary['mean_auroc'].get(m)}; {Path(cfg.out) / SUMMARY_FILE}")
+    return 0

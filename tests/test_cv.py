@@ -1,0 +1,122 @@
+"""Cross-validation (``chestxray cv``) on real NIH films: patient-wise folds, out-of-fold predictions
+through the product path, pooled evaluation, resume fold by fold."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from chestxray import cv
+from chestxray.calibration import sigmoid
+from chestxray.data import load_sources, patient_folds
+from chestxray.evaluate import predict_paths
+from chestxray.labels import get_label_set
+from chestxray.metrics import mean_auroc
+from chestxray.predictor import Predictor
+from chestxray.training import TrainConfig
+
+N_IMAGES = 60
+FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def small_csv(data_dir, tmp_path_factory):
+    """Real NIH films: label-balanced and darkcovidnet films mixed, with their patients."""
+    df = pd.read_csv(data_dir / "nih/images_384/labels.csv")
+    balanced = df[df["source"] == "reproduce_chexnet"].head(N_IMAGES // 2)
+    other = df[df["source"] != "reproduce_chexnet"].head(N_IMAGES // 2)
+    path = tmp_path_factory.mktemp("cvcsv") / "labels.csv"
+    pd.concat([balanced, other]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory, small_csv, data_dir):
+    tmp = tmp_path_factory.mktemp("cv")
+    cfg = TrainConfig(arch="test_efficientnet", csv=str(small_csv), images=str(data_dir / "nih/images_384"),
+                      img_size=64, batch_size=16, epochs=2, lr=3e-3, augment=0.0, drop_rate=0.0, warmup_epochs=0,
+                      out=str(tmp / "cv"), cache_dir=str(tmp / "cache"), workers=1, eval_boot=50, half=False,
+                      cohort_fracs=["reproduce_chexnet=0.25:0.25"], val_sources=["reproduce_chexnet"],
+                      threshold_rule="spec90")
+    summary = cv.run_cv(cfg, FOLDS, localize=False, progress=False)
+    return cfg, summary
+
+
+def test_patient_folds_keep_patients_together_and_share_the_balanced_films(data_dir):
+    df = load_sources(["nih384", "covid"], data_dir, get_label_set("nih14"))
+    fold = patient_folds(df, 5, seed=0, cohorts=["reproduce_chexnet"])
+    assert set(fold) == set(range(5))
+    assert pd.Series(fold).groupby(df["patient"]).nunique().max() == 1
+    sizes = pd.Series(fold).value_counts()
+    assert sizes.max() - sizes.min() <= 0.1 * len(df)
+    balanced = pd.Series(fold[(df["cohort"] == "reproduce_chexnet").to_numpy()]).value_counts()
+    assert len(balanced) == 5 and balanced.min() >= 0.5 * balanced.mean()
+    # A rare finding's positives (13 films) are spread over the folds, not piled into a few.
+    assert pd.Series(fold[(df["Hernia"] == 1).to_numpy()]).nunique() == 5
+    # Same input, same folds (every fold's run rebuilds them on its own).
+    assert (patient_folds(df, 5, seed=0, cohorts=["reproduce_chexnet"]) == fold).all()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        patient_folds(df, 1)
+
+
+def test_every_film_is_held_out_once_by_a_model_that_never_trained_on_it(cv_run, small_csv):
+    cfg, summary = cv_run
+    oof = pd.concat([pd.read_csv(os.path.join(cfg.out, f"fold{i}", cv.OOF_FILE)) for i in range(FOLDS)])
+    names = oof["image"].map(os.path.basename)
+    assert sorted(names) == sorted(pd.read_csv(small_csv)["Image Index"])
+    for i in range(FOLDS):
+        m = pd.read_csv(os.path.join(cfg.out, f"fold{i}", "manifest.csv"))
+        held = set(m.loc[m["split"] == "val", "patient"])
+        assert held == set(oof.loc[oof["fold"] == i, "patient"])
+        assert not held & set(m.loc[m["split"] == "train", "patient"])
+        assert set(m["split"]) == {"train", "val"}  # no test split: the held-out fold is the test
+        # A fixed schedule: the fold's model is its last epoch, whatever the held-out films said.
+        saved = json.loads(open(os.path.join(cfg.out, f"fold{i}", "best", "config.json")).read())
+        assert saved["chestxray"]["training"]["epoch"] == cfg.epochs
+    assert summary["n_films"] == N_IMAGES and summary["folds"] == FOLDS
+
+
+def test_out_of_fold_logits_are_the_fold_models_product_path(cv_run, data_dir):
+    cfg, _ = cv_run
+    oof = pd.read_csv(os.path.join(cfg.out, "fold1", cv.OOF_FILE))
+    labels = [c[len(cv.LOGIT):] for c in oof.columns if c.startswith(cv.LOGIT)]
+    pred = Predictor.load(os.path.join(cfg.out, "fold1", "best"), device="cpu")
+    z, _ = predict_paths(pred, [str(data_dir / p) for p in oof["image"][:4]], progress=False, logits=True)
+    np.testing.assert_allclose(oof[[cv.LOGIT + k for k in labels]].to_numpy()[:4], z, rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_evaluation_uses_thresholds_and_temperatures_fitted_out_of_fold(cv_run):
+    cfg, summary = cv_run
+    metrics = json.loads(open(os.path.join(cfg.out, "eval", "metrics.json")).read())
+    oof = pd.concat([pd.read_csv(os.path.join(cfg.out, f"fold{i}", cv.OOF_FILE)) for i in range(FOLDS)])
+    labels = [c[len(cv.LOGIT):] for c in oof.columns if c.startswith(cv.LOGIT)]
+    Y, Z = oof[labels].to_numpy(np.float64), oof[[cv.LOGIT + k for k in labels]].to_numpy(np.float64)
+    bal = (oof["cohort"] == "reproduce_chexnet").to_numpy()
+    assert summary["mean_auroc"]["reproduce_chexnet"] == pytest.approx(mean_auroc(Y[bal], sigmoid(Z[bal])), abs=1e-4)
+    assert metrics["by_group"]["reproduce_chexnet"]["n_images"] == int(bal.sum())
+    thresholds, temps = cv.fit_on_oof(Y, Z, labels, bal, "spec90")
+    assert summary["thresholds"] == thresholds and summary["temperatures"] == temps
+    for name in ("roc.png", "confusion.png", "reliability.png", "predictions.csv"):
+        assert os.path.getsize(os.path.join(cfg.out, "eval", name)) > 0
+    assert [f["fold"] for f in summary["per_fold"]] == list(range(FOLDS))
+    assert all(len(f["val_curve"]) == cfg.epochs for f in summary["per_fold"])
+
+
+def test_a_second_run_resumes_without_retraining(cv_run):
+    cfg, summary = cv_run
+    fold = os.path.join(cfg.out, "fold2")
+    stamp = os.path.getmtime(os.path.join(fold, "best", "model.safetensors"))
+    before = pd.read_csv(os.path.join(fold, cv.OOF_FILE))
+    os.remove(os.path.join(fold, cv.OOF_FILE))  # e.g. killed while predicting: predicted again, same numbers
+    again = cv.run_cv(cfg, FOLDS, localize=False, progress=False)
+    assert os.path.getmtime(os.path.join(fold, "best", "model.safetensors")) == stamp
+    pd.testing.assert_frame_equal(pd.read_csv(os.path.join(fold, cv.OOF_FILE)), before, atol=1e-5)
+    assert again["mean_auroc"] == summary["mean_auroc"]
+
+
+def test_cv_command_rejects_a_fold_outside_the_folds(capsys):
+    assert cv.main(["--folds", "3", "--only-fold", "3"]) == 2
+    assert "--only-fold 3 is not among the 3 folds" in capsys.readouterr().err

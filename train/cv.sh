@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Cross-validates a recipe fold by fold, then pools and evaluates (chestxray cv). Each fold runs in a
+# fresh process; a killed run resumes where it stopped: run the same line again.
+# Usage: bash train/cv.sh [recipe]     (default: train/configs/cv/efficientnet_lite0.yaml)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}} HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+CFG=${1:-train/configs/cv/efficientnet_lite0.yaml}
+FOLDS=$("$PY" -c "import sys; from chestxray.recipes import load_recipe; print(load_recipe(sys.argv[1]).get('folds') or 5)" "$CFG")
+for ((i = 0; i < FOLDS; i++)); do
+  "$PY" -m chestxray cv --config "$CFG" --only-fold "$i"
+done
+"$PY" -m chestxray cv --config "$CFG"
