@@ -67,26 +67,31 @@ def brier_score(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean((ps - pos) ** 2)) if ps.size else math.nan
 
 
-def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS
+def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS, weights: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin: (count, mean probability, observed positive fraction).
 
-    Bins without images have count 0 and NaN means.
+    Bins without images have count 0 and NaN means. With ``weights`` (one per film, e.g. to stand for a
+    population with other label frequencies: :func:`chestxray.prevalence.reference_weights`) counts and
+    means are weighted.
     """
-    pos, ps, _ = clean_targets(y, p)
+    pos, ps, keep = clean_targets(y, p)
+    w = np.ones(ps.size) if weights is None else np.asarray(weights, dtype=np.float64).ravel()[keep]
     idx = np.clip((ps * n_bins).astype(int), 0, n_bins - 1)  # p = 1 goes to the last bin
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    count = np.bincount(idx, weights=w, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.bincount(idx, weights=ps, minlength=n_bins) / count
-        frac = np.bincount(idx, weights=pos.astype(np.float64), minlength=n_bins) / count
+        mean_p = np.bincount(idx, weights=w * ps, minlength=n_bins) / count
+        frac = np.bincount(idx, weights=w * pos, minlength=n_bins) / count
     return count, mean_p, frac
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS) -> float:
-    """ECE over ``n_bins`` equal-width bins (see the module docstring); NaN without known targets."""
-    count, mean_p, frac = reliability_bins(y, p, n_bins)
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS,
+                               weights: np.ndarray | None = None) -> float:
+    """ECE over ``n_bins`` equal-width bins (see the module docstring; weighted with ``weights``); NaN without
+    known targets."""
+    count, mean_p, frac = reliability_bins(y, p, n_bins, weights)
     n = count.sum()
-    if n == 0:
+    if n <= 0:
         return math.nan
     full = count > 0
     return float(np.sum(count[full] / n * np.abs(frac[full] - mean_p[full])))

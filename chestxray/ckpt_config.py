@@ -34,17 +34,17 @@ def is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
-def map_threshold(threshold: float, temperature: float) -> float:
-    """An operating threshold on the temperature-calibrated scale: ``sigmoid(logit(t) / T)``.
+def map_threshold(threshold: float, temperature: float, shift: float = 0.0) -> float:
+    """An operating threshold on the calibrated scale: ``sigmoid(logit(t) / T + b)``.
 
-    ``sigmoid(z / T) >= sigmoid(logit(t) / T)`` exactly when ``sigmoid(z) >= t``: the same films are
-    flagged before and after calibration (:mod:`chestxray.calibration` fits the temperatures; this
-    run-time half is here so that the predictor needs nothing from the offline code).
+    ``sigmoid(z / T + b) >= sigmoid(logit(t) / T + b)`` exactly when ``sigmoid(z) >= t`` (T > 0): the same
+    films are flagged before and after calibration (:mod:`chestxray.calibration` fits T, :mod:`chestxray.prevalence`
+    the prior shift b; this run-time half is here so that the predictor needs nothing from the offline code).
     """
     t = float(threshold)
-    if temperature == 1.0 or not 0.0 < t < 1.0:
+    if (temperature == 1.0 and shift == 0.0) or not 0.0 < t < 1.0:
         return t
-    x = (math.log(t) - math.log1p(-t)) / float(temperature)
+    x = (math.log(t) - math.log1p(-t)) / float(temperature) + float(shift)
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
@@ -192,12 +192,14 @@ class ReleaseMetrics:
 
 @dataclass
 class Calibration:
-    """Per-label temperature scaling fitted on validation films (``release`` / ``recard`` write it).
+    """How the predictor turns a logit into the probability it reports (``release`` / ``recard`` write it).
 
-    The predictor reports ``sigmoid(logit / T)`` for a label with a temperature ``T`` and compares it with
-    the threshold mapped the same way (:func:`chestxray.calibration.map_threshold`), so the same films
-    are flagged. ``CkptMeta.thresholds`` stay on the raw ``sigmoid(logit)`` scale, which is what plain
-    timm gives.
+    Per label: a temperature ``T`` fitted on validation films, then a prior shift ``b`` that puts the number
+    on a stated reference population's scale (:mod:`chestxray.prevalence`; e.g. adult NIH films at NIH's
+    prevalence): the predictor reports ``sigmoid(logit / T + b)`` and compares it with the threshold mapped
+    the same way (:func:`map_threshold`), so the same films are flagged and every ranking (AUROC) is
+    unchanged. A label without T has T = 1, without b has b = 0. ``CkptMeta.thresholds`` stay on the raw
+    ``sigmoid(logit)`` scale, which is what plain timm gives.
     """
 
     method: str = "temperature"
@@ -207,23 +209,39 @@ class Calibration:
     n_films: int | None = None
     #: ``{label: [NLL before, NLL after]}`` on those validation films.
     val_nll: dict[str, Any] = field(default_factory=dict)
+    #: ``{label: b}``: the logit shift (after the temperature) to the reference population's prevalence.
+    shifts: dict[str, float] = field(default_factory=dict)
+    #: The population the probabilities refer to (e.g. "adult NIH ChestX-ray14 films"), when shifted.
+    reference: str | None = None
+    #: ``{label: prevalence}`` of that population (labels without one are not shifted).
+    prevalence: dict[str, float] = field(default_factory=dict)
+    #: Which films the shifts were fitted on, reweighted to the reference prevalence.
+    shift_fitted_on: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Any) -> "Calibration | None":
-        """Reads the ``calibration`` dict; None without a usable temperature."""
+        """Reads the ``calibration`` dict; None without a usable temperature or shift."""
         d = _dict(d)
         temps = {str(k): float(v) for k, v in _dict(d.get("temperatures")).items() if is_num(v) and v > 0}
-        if not temps or (_str(d.get("method")) or "temperature") != "temperature":
+        shifts = {str(k): float(v) for k, v in _dict(d.get("shifts")).items() if is_num(v)}
+        if not (temps or shifts) or (_str(d.get("method")) or "temperature") not in METHODS:
             return None
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(method="temperature", temperatures=temps, fitted_on=_str(d.get("fitted_on")),
-                   n_films=_int(d.get("n_films")), val_nll=_dict(d.get("val_nll")),
+        return cls(method=_str(d.get("method")) or "temperature", temperatures=temps, fitted_on=_str(d.get("fitted_on")),
+                   n_films=_int(d.get("n_films")), val_nll=_dict(d.get("val_nll")), shifts=shifts,
+                   reference=_str(d.get("reference")),
+                   prevalence={str(k): float(v) for k, v in _dict(d.get("prevalence")).items() if is_num(v)},
+                   shift_fitted_on=_str(d.get("shift_fitted_on")),
                    extra={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (None and empty fields left out)."""
         return _compact(self)
+
+
+#: Calibration methods the predictor can apply: temperatures alone, or temperatures then a prior shift.
+METHODS = ("temperature", "temperature+prior_shift")
 
 
 @dataclass
@@ -280,11 +298,21 @@ class CkptMeta:
         """``{label: T}`` of the labels with a fitted temperature (empty: probabilities are not recalibrated)."""
         return dict(self.calibration.temperatures) if self.calibration else {}
 
+    @property
+    def shifts(self) -> dict[str, float]:
+        """``{label: b}`` of the labels shifted to the reference population's prevalence (empty: none)."""
+        return dict(self.calibration.shifts) if self.calibration else {}
+
+    @property
+    def reference(self) -> str | None:
+        """The population the reported probabilities refer to (None: the training mix's own scale)."""
+        return self.calibration.reference if self.calibration and self.calibration.shifts else None
+
     def calibrated_thresholds(self) -> dict[str, float]:
         """The operating thresholds on the scale of the probabilities the predictor reports: each one
-        mapped by its label's temperature (:func:`chestxray.calibration.map_threshold`); unchanged without."""
-        temps = self.temperatures
-        return {k: map_threshold(t, temps.get(k, 1.0)) for k, t in self.thresholds.items()}
+        mapped by its label's temperature and shift (:func:`map_threshold`); unchanged without."""
+        temps, shifts = self.temperatures, self.shifts
+        return {k: map_threshold(t, temps.get(k, 1.0), shifts.get(k, 0.0)) for k, t in self.thresholds.items()}
 
     def apply(self, config: dict[str, Any]) -> dict[str, Any]:
         """Sets this block in a parsed config.json (in place) and returns it."""

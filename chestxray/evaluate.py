@@ -26,7 +26,8 @@ from chestxray.layout import default_data_root
 from chestxray.metrics import evaluate_predictions, flags_on_normal_films, to_json
 from chestxray.plots import plot_confusion_matrices, plot_reliability, plot_roc_curves
 from chestxray.predictor import Predictor
-from chestxray.sources import HEADLINE_GROUP
+from chestxray.prevalence import NIH_LABEL_FILE, nih_prevalence, reference_report
+from chestxray.sources import HEADLINE_GROUP, collection_of
 
 log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.csv"
@@ -85,7 +86,8 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
                       seed: int = 0, progress: bool = True, title: str | None = None,
                       probs: np.ndarray | None = None, plot_group: str | None = None,
                       logits: np.ndarray | None = None,
-                      localization: dict[str, Any] | None = None) -> dict[str, Any]:
+                      localization: dict[str, Any] | None = None,
+                      prevalence: dict[str, float] | None = None) -> dict[str, Any]:
     """Evaluates a manifest (see :mod:`chestxray.data`) and writes metrics.json, plots and predictions.
 
     Labels of the model that the manifest lacks are reported as undefined (no known targets).
@@ -101,6 +103,9 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
             per-film pairs) as ``localization``.
         plot_group: draw the ROC, confusion and reliability plots on this group's images only (e.g. the
             headline cohort), when it is present.
+        prevalence: reference prevalences (:func:`chestxray.prevalence.nih_prevalence`; default: the ones the
+            checkpoint's calibration stores): with logits, ``reference_scale`` reports how the probabilities
+            read on the NIH films against them, before and after the checkpoint's prior shift.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +144,12 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
     if predictor.calibrated and raw is not None:
         metrics["temperature_scaling"] = temperature_comparison(Y, raw[ok].astype(np.float64), P, labels, parts,
                                                                 predictor.temperatures)
+    prevalence = prevalence or (predictor.ckpt.meta.calibration.prevalence if predictor.ckpt.meta.calibration else {})
+    nih = np.array([collection_of(src) == "nih" for src in sources], dtype=bool)
+    if prevalence and raw is not None and nih.any():
+        Z = np.asarray(logits, dtype=np.float64)[ok]
+        metrics["reference_scale"] = reference_report(Y[nih], Z[nih], labels, prevalence, predictor.temperatures,
+                                                      predictor.shifts)
     if localization and localization.get("n_pairs"):
         metrics["localization"] = {k: v for k, v in localization.items() if k != "pairs"}
     metrics.update(model=predictor.name, arch=predictor.arch, n_unreadable=len(errors),
@@ -230,5 +241,8 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
         from chestxray.localization import held_out_pointing_game
 
         loc = held_out_pointing_game(predictor, data_root)
+    prevalence = None
+    if (Path(data_root) / NIH_LABEL_FILE).is_file():
+        prevalence = nih_prevalence(data_root, predictor.labels)
     return evaluate_manifest(predictor, df.reset_index(drop=True), out_dir, n_boot=n_boot, progress=progress,
-                             localization=loc)
+                             localization=loc, prevalence=prevalence)

@@ -268,9 +268,48 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
     ]
 
 
+def reference_lines(report: dict[str, Any] | None, calibration: Any) -> list[str]:
+    """Card lines on the probability scale: the reference population, each label's prevalence and prior
+    shift, and (``report``: evaluate's ``reference_scale`` on the NIH test films) the mean probability on
+    normal films and the reweighted ECE before -> after the shift."""
+    shifts = calibration.shifts if calibration is not None else {}
+    if not shifts:
+        return ["### Probability scale", "",
+                "The probabilities are on the scale of the training mix (sources and label frequencies of the "
+                "training films, positive-class weights in the loss), not on any stated population's. On a normal "
+                "adult film a finding can read far above its real frequency: read them as scores, with the "
+                "operating thresholds.", ""]
+    prev = calibration.prevalence
+    lines = ["### Probability scale: " + (calibration.reference or "a reference population"), "",
+             f"Each probability refers to **{calibration.reference}**: after its temperature, each label's logit is "
+             "shifted by one number b (Bayes' rule for a change of prior: Saerens et al., 2002), fitted on "
+             f"{calibration.shift_fitted_on} so that their weighted mean probability equals the reference "
+             "prevalence (stored in `config.json` as `chestxray.calibration.shifts` and `prevalence`). A shift moves "
+             "every film's logit by the same amount: AUROC, every ranking and the films flagged are unchanged. "
+             "**A child's film is read on the same adult scale** (the Pneumonia probability of a child is an adult "
+             "NIH-like population's, not a pediatric clinic's)."
+             + (f" Not shifted (no reference prevalence): {', '.join(k for k in calibration.temperatures if k not in prev and k not in shifts)}."
+                if any(k not in prev for k in calibration.temperatures) else ""), ""]
+    if report and report.get("labels"):
+        lines += [f"On the {report['n_films']} NIH test films: the mean probability on the normal (No Finding) films "
+                  "against the label's prevalence among NIH's adult films, and the ECE with the test films "
+                  "reweighted to that prevalence, before (temperature only) -> after the shift:", "",
+                  "| label | NIH adult prevalence | shift b | mean p, normal films | ECE, reweighted |",
+                  "|---|---|---|---|---|"]
+        for label, r in report["labels"].items():
+            b, a = r["before"], r["after"]
+            lines.append(f"| {label} | {_fmt(r['prevalence'], 4)} | {_fmt(r.get('shift'), 2)} | "
+                         f"{_arrow(b['mean_prob_normal'], a['mean_prob_normal'])} | "
+                         f"{_arrow(b['reweighted_ece'], a['reweighted_ece'])} |")
+        m = report["mean_reweighted_ece"]
+        lines += ["", f"Mean reweighted ECE {_arrow(m['before'], m['after'])}.", ""]
+    return lines
+
+
 def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False,
                         scaling: dict[str, Any] | None = None, calibration: Any = None,
-                        groups: list[tuple[str, str]] | None = None) -> list[str]:
+                        groups: list[tuple[str, str]] | None = None,
+                        reference: dict[str, Any] | None = None) -> list[str]:
     """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table, and, for a
     temperature-calibrated model (``scaling``: evaluate's ``temperature_scaling``), before/after figures.
 
@@ -298,6 +337,7 @@ def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False,
         *(["![Reliability diagram](reliability.png)", ""] if plot else []),
         "<details><summary>Per label</summary>", "", *rows, "", "</details>", "",
         *(temperature_lines(scaling, calibration, groups or [("all", "all test films")]) if scaling else []),
+        *reference_lines(reference, calibration),
     ]
 
 
@@ -390,7 +430,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "![Training curves](training_curves.png)", "",
         *calibration_section(head, GROUP_NAMES.get(headline_group, headline_group),
                              plot=(folder / "reliability.png").is_file(), scaling=scaling,
-                             calibration=meta.calibration,
+                             calibration=meta.calibration, reference=metrics.get("reference_scale"),
                              groups=[(g, GROUP_NAMES.get(g, g)) for g in dict.fromkeys(
                                  x for x in (headline_group, mixed_group) if x)] + [("all", "all test films")]),
         "## Training data and split", "",
@@ -437,7 +477,8 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         "`probs` maps each label to its probability; each label's operating threshold is in `config.json` "
         "(`chestxray.thresholds`)"
         + (" and applies to these raw probabilities; the calibrated probability of a label is "
-           "`sigmoid(logit / T)` with its temperature from `chestxray.calibration.temperatures` (the toolkit "
+           "`sigmoid(logit / T + b)` with its temperature T from `chestxray.calibration.temperatures` and its "
+           "prior shift b from `chestxray.calibration.shifts` (0 where absent; the toolkit "
            "applies it, and maps the thresholds to match)" if scaling else "")
         + ". DICOM and 16-bit films need windowing first: this toolkit's reader does it, "
         "and adds the thresholds, Grad-CAM and the input gate:", "",

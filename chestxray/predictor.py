@@ -74,7 +74,8 @@ class Analysis:
     embedding: np.ndarray | None = None  # C, globally pooled final features (for the input gate)
     warnings: list[str] = field(default_factory=list)  # e.g. "does not look like a frontal chest X-ray"
     gate: GateResult | None = None  # the input gate's verdict (chestxray.gate); None when not assessed
-    calibrated: bool = False  # probabilities temperature-scaled by the checkpoint's config (thresholds mapped)
+    calibrated: bool = False  # probabilities recalibrated by the checkpoint's config (thresholds mapped)
+    reference: str | None = None  # the population the probabilities refer to (Predictor.reference)
 
     def prob_dict(self) -> dict[str, float]:
         """{label: probability}, in the checkpoint's label order."""
@@ -144,11 +145,15 @@ class Predictor:
         self.labels = list(checkpoint.labels)
         #: Per-label temperatures from the config (chestxray.calibration); empty: raw sigmoid(logit).
         self.temperatures = {k: t for k, t in checkpoint.meta.temperatures.items() if k in self.labels}
-        # Thresholds on the scale of the probabilities reported: mapped by T, so the same films are flagged.
-        self.thresholds = {k: map_threshold(checkpoint.thresholds.get(k, 0.5), self.temperatures.get(k, 1.0))
-                           for k in self.labels}
+        #: Per-label prior shifts to the reference population (:attr:`reference`); empty: none.
+        self.shifts = {k: b for k, b in checkpoint.meta.shifts.items() if k in self.labels}
+        # Thresholds on the scale of the probabilities reported: mapped by T and b, so the same films are flagged.
+        self.thresholds = {k: map_threshold(checkpoint.thresholds.get(k, 0.5), self.temperatures.get(k, 1.0),
+                                            self.shifts.get(k, 0.0)) for k in self.labels}
         self._temp = (torch.tensor([self.temperatures.get(k, 1.0) for k in self.labels], device=self.device)
-                      if self.temperatures else None)
+                      if self.temperatures or self.shifts else None)
+        self._shift = (torch.tensor([self.shifts.get(k, 0.0) for k in self.labels], device=self.device)
+                       if self.shifts else None)
         self.preprocess = checkpoint.preprocess
         self._weight, _ = classifier_weight(self.model)
         self._cam_lock = threading.Lock()  # pytorch-grad-cam hooks are per-model, not thread-safe
@@ -181,12 +186,22 @@ class Predictor:
 
     @property
     def calibrated(self) -> bool:
-        """Whether probabilities are temperature-scaled (the config holds temperatures)."""
+        """Whether probabilities are recalibrated (the config holds temperatures or prior shifts)."""
         return self._temp is not None
 
+    @property
+    def reference(self) -> str | None:
+        """The population the probabilities refer to (e.g. adult NIH films at NIH's prevalence), when the
+        config shifts them there; None: the training mix's own scale."""
+        return self.ckpt.meta.reference if self.shifts else None
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(logits / T)`` per label with the config's temperatures; plain ``sigmoid`` without."""
-        return torch.sigmoid(logits if self._temp is None else logits / self._temp.to(logits.device))
+        """``sigmoid(logits / T + b)`` per label with the config's temperatures and prior shifts; plain
+        ``sigmoid`` without."""
+        if self._temp is None:
+            return torch.sigmoid(logits)
+        z = logits / self._temp.to(logits.device)
+        return torch.sigmoid(z if self._shift is None else z + self._shift.to(logits.device))
 
     @property
     def arch(self) -> str:
@@ -256,7 +271,8 @@ class Predictor:
         verdict = (self.gate.assess(xray, pixels, embedding) if self.gate is not None
                    else assess_without_gate(xray, pixels))
         return Analysis(self.labels, probs, cams, display_image(pixels), dict(self.thresholds), embedding,
-                        warnings=list(verdict.reasons), gate=verdict, calibrated=self.calibrated)
+                        warnings=list(verdict.reasons), gate=verdict, calibrated=self.calibrated,
+                        reference=self.reference)
 
     def explain(self, image, label: str, method: str = "gradcam") -> np.ndarray:
         """The map of one label's logit by ``method``, at the model's input resolution (H x W, [0,1])."""

@@ -44,8 +44,9 @@ from chestxray.metrics import mean_auroc
 from chestxray.modelcard import split_counts, write_model_card
 from chestxray.plots import plot_training_curves
 from chestxray.predictor import Predictor
+from chestxray.prevalence import NIH_ADULTS, NIH_LABEL_FILE, fit_shifts, nih_prevalence
 from chestxray.recipes import upgrade_run_config
-from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP
+from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP, collection_of
 
 log = logging.getLogger(__name__)
 #: The headline group and the one shown beside it (see :mod:`chestxray.sources`).
@@ -79,9 +80,10 @@ def validation_films(val: pd.DataFrame, meta: CkptMeta, only_val_sources: bool =
 
 
 def fit_on_validation(predictor: Predictor, val: pd.DataFrame, fitted_on: str = "validation split",
-                      progress: bool = True) -> Calibration | None:
+                      progress: bool = True, prevalence: dict[str, float] | None = None) -> Calibration | None:
     """Per-label temperatures fitted on validation films (:func:`chestxray.calibration.fit_temperatures`, on the
-    raw logits); None when no label can be fitted (e.g. no validation films)."""
+    raw logits) and, with reference ``prevalence``, prior shifts fitted on the validation films of NIH
+    (:func:`chestxray.prevalence.fit_shifts`); None when no label can be fitted (e.g. no validation films)."""
     if val.empty:
         return None
     for k in predictor.labels:
@@ -90,13 +92,32 @@ def fit_on_validation(predictor: Predictor, val: pd.DataFrame, fitted_on: str = 
     logits, _ = predict_paths(predictor, list(val["path"]), progress=progress, logits=True)
     ok = ~np.isnan(logits).any(axis=1)
     Y, Z = val[predictor.labels].to_numpy(np.float64)[ok], logits[ok].astype(np.float64)
-    temps = fit_temperatures(Y, Z, predictor.labels)
-    if not temps:
+    nih = val["source"].map(collection_of).eq("nih").to_numpy()[ok]
+    return calibration_from_logits(Y, Z, predictor.labels, nih, fitted_on, prevalence)
+
+
+def calibration_from_logits(Y: np.ndarray, Z: np.ndarray, labels: list[str], nih: np.ndarray, fitted_on: str,
+                            prevalence: dict[str, float] | None = None) -> Calibration | None:
+    """Temperatures on every film of ``Y``/``Z`` (targets, raw logits), then, with ``prevalence``, the prior
+    shifts to NIH's adult population on the films marked ``nih``; None when nothing could be fitted."""
+    temps = fit_temperatures(Y, Z, labels)
+    shifts = fit_shifts(Y[nih], Z[nih], labels, prevalence, temps) if prevalence and nih.any() else {}
+    if not temps and not shifts:
         return None
     val_nll = {k: [round(nll(Y[:, i], Z[:, i]), 6), round(nll(Y[:, i], Z[:, i], temps[k]), 6)]
-               for i, k in enumerate(predictor.labels) if k in temps}
-    return Calibration(temperatures={k: round(t, 6) for k, t in temps.items()}, fitted_on=fitted_on,
-                       n_films=int(ok.sum()), val_nll=val_nll)
+               for i, k in enumerate(labels) if k in temps}
+    return Calibration(method="temperature+prior_shift" if shifts else "temperature",
+                       temperatures={k: round(t, 6) for k, t in temps.items()}, fitted_on=fitted_on,
+                       n_films=int(len(Y)), val_nll=val_nll, shifts=shifts,
+                       reference=NIH_ADULTS if shifts else None,
+                       prevalence={k: v for k, v in (prevalence or {}).items() if k in labels} if shifts else {},
+                       shift_fitted_on=(f"{int(nih.sum())} NIH films of the {fitted_on.split(',')[0]}, reweighted "
+                                        "to NIH's adult label prevalence" if shifts else None))
+
+
+def reference_prevalence(data_root: str | os.PathLike, labels: list[str]) -> dict[str, float] | None:
+    """NIH's adult prevalences of ``labels`` (:func:`chestxray.prevalence.nih_prevalence`), None without its label file."""
+    return nih_prevalence(data_root, labels) if (Path(data_root) / NIH_LABEL_FILE).is_file() else None
 
 
 def _calibrated(predictor: Predictor, calibration: Calibration | None) -> Predictor:
@@ -176,7 +197,9 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     calibration = None
     if calibrate:
         val_films, fitted_on = validation_films(val, CkptMeta.read(tmp))
-        calibration = fit_on_validation(predictor, val_films, fitted_on, progress=progress)
+        calibration = fit_on_validation(predictor, val_films, fitted_on, progress=progress,
+                                        prevalence=reference_prevalence(data_root or train_cfg["data_root"],
+                                                                        predictor.labels))
         predictor = _calibrated(predictor, calibration)
     headline = headline_group(test)
     loc = pointing_game_or_none(predictor, data_root or train_cfg["data_root"], localize)
@@ -349,7 +372,8 @@ def recard(folder: str | os.PathLike, data_root: str | os.PathLike, *, n_boot: i
     calibration = None
     if calibrate:
         val_films, fitted_on = validation_films(val, old_meta)
-        calibration = fit_on_validation(raw, val_films, fitted_on, progress=progress)
+        calibration = fit_on_validation(raw, val_films, fitted_on, progress=progress,
+                                        prevalence=reference_prevalence(data_root, raw.labels))
     predictor = _calibrated(raw, calibration)
     loc = pointing_game_or_none(predictor, data_root, localize)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}.recard.") as tmp_name:
