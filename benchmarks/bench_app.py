@@ -119,9 +119,7 @@ def main(argv=None) -> None:
     from chestxray.imaging import read_image
 
     demo = app.create_demo()
-    demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
-    app.tune_queue(demo)
-    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="25mb")
+    _, url, _ = app.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     floor = floor_demo().queue()
     _, floor_url, _ = floor.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     opts = dict(verbose=False, analytics_enabled=False)

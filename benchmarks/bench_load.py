@@ -6,11 +6,14 @@ from ``--clients`` concurrent clients, and reports: answered / politely refused 
 lost or failed, latency p50/p95, and the server's resident memory after the first ``--warmup``
 requests and at the end (Grad-CAM hook or cache leaks show up as growth).
 
-    python benchmarks/bench_load.py [--clients 16] [--requests 400] [--queue 32] [--client http]
+    python benchmarks/bench_load.py [--clients 16] [--requests 400] [--queue 32] [--client rest,gradio_client]
 
-Clients: gradio_client (default), or ``http``: Gradio's plain HTTP API over one kept-alive connection per
-client (``bench_app.http_predict``; what curl or another service would send). The clients run in this
-process, on the same cores as the server: gradio_client's polling threads cost the server CPU time.
+Clients: gradio_client (default); ``http``: Gradio's plain HTTP API over one kept-alive connection per
+client (``bench_app.http_predict``; what curl or another service would send); ``rest``: the app's own HTTP
+API, ``POST /v1/predict`` (JSON, no overlay), also one kept-alive connection per client. Several kinds,
+comma-separated, run one after the other against the same server (one row each, and each one's req/s
+against the first's). The clients run in this process, on the same cores as the server: gradio_client's
+polling threads cost the server CPU time.
 """
 from __future__ import annotations
 
@@ -120,6 +123,15 @@ class LoadResult:
         return sum(self.outcomes.values())
 
 
+def rest_predict(http, url: str, path: str, model: str | None) -> dict:
+    """``POST /v1/predict`` with the file (multipart) and the model: the JSON answer; a 503 raises "queue is full"."""
+    with open(path, "rb") as fh:
+        r = http.post(f"{url}v1/predict", files={"file": (Path(path).name, fh)}, data={"model": model} if model else {})
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code}: {r.json().get('error', r.text[:200])}")
+    return r.json()
+
+
 def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: list[Path] | None = None,
          timeout: float = 300.0, download: bool = False, kind: str = "gradio_client") -> LoadResult:
     """Sends ``n_requests`` predict calls from ``n_clients`` concurrent clients (one Client each, of ``kind``).
@@ -134,7 +146,12 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
     counter = itertools.count()
 
     def worker(_: int) -> None:
-        if kind == "http":
+        if kind == "rest":
+            import httpx
+
+            http = httpx.Client(timeout=timeout)
+            call = lambda path: rest_predict(http, url, path, model)  # noqa: E731
+        elif kind == "http":
             import httpx
 
             from benchmarks.bench_app import http_predict
@@ -166,6 +183,39 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
     return result
 
 
+@dataclass
+class Run:
+    """One client kind's burst against the server: outcomes, wall time, RSS and CPU along the way."""
+
+    kind: str
+    warm: LoadResult
+    res: LoadResult
+    wall: float
+    rss: tuple[float, float, float]  # after the warm-up, half-way, at the end (MiB)
+    cpu_server: float
+    cpu_clients: float
+
+
+def measure(server: Server, kind: str, args: argparse.Namespace) -> Run:
+    """``args.warmup`` requests, then the rest in two halves (RSS read after each), from ``args.clients`` clients."""
+    warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model, download=args.download,
+                kind=kind)
+    rss_warm = server.rss_mb()
+    cpu0, own0 = server.cpu_s(), time.process_time()
+    t0 = time.perf_counter()
+    half = (args.requests - args.warmup) // 2
+    res = fire(server.url, half, args.clients, args.model, download=args.download, kind=kind)
+    rss_mid = server.rss_mb()
+    res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model, download=args.download,
+                kind=kind)
+    wall = time.perf_counter() - t0
+    res.outcomes.update(res2.outcomes)
+    res.latencies += res2.latencies
+    res.errors += res2.errors
+    return Run(kind, warm, res, wall, (rss_warm, rss_mid, server.rss_mb()), server.cpu_s() - cpu0,
+               time.process_time() - own0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -175,49 +225,42 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model name (default: the app's default)")
     ap.add_argument("--app", default=None, help="another checkout's app.py (default: this one's)")
     ap.add_argument("--download", action="store_true", help="clients download every output file")
-    ap.add_argument("--client", choices=["gradio_client", "http"], default="gradio_client",
-                    help="gradio_client, or Gradio's plain HTTP API")
+    ap.add_argument("--client", default="gradio_client",
+                    help="comma list of gradio_client, http (Gradio's plain HTTP API), rest (the app's /v1/predict)")
     args = ap.parse_args()
+    kinds = args.client.split(",")
+    if not set(kinds) <= {"gradio_client", "http", "rest"}:
+        ap.error(f"unknown --client: {args.client}")
     server = start_app({"CHESTXRAY_QUEUE": str(args.queue)}, app=args.app)
     try:
-        warm = fire(server.url, args.warmup, min(args.clients, args.warmup), args.model, download=args.download,
-                    kind=args.client)
-        rss_warm = server.rss_mb()
-        cpu0, own0 = server.cpu_s(), time.process_time()
-        t0 = time.perf_counter()
-        half = (args.requests - args.warmup) // 2
-        res = fire(server.url, half, args.clients, args.model, download=args.download, kind=args.client)
-        rss_mid = server.rss_mb()
-        res2 = fire(server.url, args.requests - args.warmup - half, args.clients, args.model,
-                    download=args.download, kind=args.client)
-        wall = time.perf_counter() - t0
-        rss_end = server.rss_mb()
-        cpu_server, cpu_clients = server.cpu_s() - cpu0, time.process_time() - own0
-        res.outcomes.update(res2.outcomes)
-        res.latencies += res2.latencies
-        res.errors += res2.errors
+        runs = [measure(server, kind, args) for kind in kinds]
     finally:
         server.stop()
-    lat = sorted(res.latencies)
-    print(f"{args.app or 'app.py'}: {args.clients} {args.client} clients, {args.requests} requests "
-          f"({args.warmup} warm-up), "
-          f"queue max_size {args.queue}, outputs {'downloaded' if args.download else 'not downloaded'}\n")
-    print("| answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
-          f"RSS after {args.warmup} MiB | after {args.warmup + half} | after {args.requests} | growth MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    sent = args.requests - args.warmup
-    lost = sent - res.total
-    p50 = statistics.median(lat) if lat else float("nan")
-    p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
-    print(f"| {res.outcomes['ok'] + warm.outcomes['ok']} | {res.outcomes['refused']} | {res.outcomes['error']} | "
-          f"{lost} | {p50:.2f} | {p95:.2f} | {res.outcomes['ok'] / wall:.2f} | {rss_warm:.0f} | {rss_mid:.0f} | {rss_end:.0f} | "
-          f"{rss_end - rss_warm:+.0f} |")
-    print(f"\nCPU per answered request: server {1e3 * cpu_server / max(res.outcomes['ok'], 1):.0f} ms, "
-          f"the {args.clients} clients (this process) {1e3 * cpu_clients / max(res.outcomes['ok'], 1):.0f} ms; "
-          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    for msg, n in Counter(res.errors).most_common(5):
-        print(f"- {n} x {msg}")
-    return 0 if res.outcomes["error"] == 0 and lost == 0 else 1
+    half = args.warmup + (args.requests - args.warmup) // 2
+    print(f"{args.app or 'app.py'}: {args.clients} clients of each kind, {args.requests} requests each "
+          f"({args.warmup} warm-up), queue max_size {args.queue}, outputs "
+          f"{'downloaded' if args.download else 'not downloaded'}; the kinds ran one after the other\n")
+    print("| client | answered | refused (queue full) | failed | lost | p50 s | p95 s | throughput req/s | "
+          f"vs {kinds[0]} | RSS after {args.warmup} MiB | after {half} | after {args.requests} | growth MiB | "
+          "server CPU ms/request | clients' CPU ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failed = False
+    for r in runs:
+        ok, lat = r.res.outcomes["ok"], sorted(r.res.latencies)
+        lost = args.requests - args.warmup - r.res.total
+        failed |= bool(r.res.outcomes["error"] or lost)
+        p50 = statistics.median(lat) if lat else float("nan")
+        p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
+        rate = ok / r.wall
+        print(f"| {r.kind} | {ok + r.warm.outcomes['ok']} | {r.res.outcomes['refused']} | {r.res.outcomes['error']} | "
+              f"{lost} | {p50:.2f} | {p95:.2f} | {rate:.2f} | {rate / (runs[0].res.outcomes['ok'] / runs[0].wall):.2f}x"
+              f" | {r.rss[0]:.0f} | {r.rss[1]:.0f} | {r.rss[2]:.0f} | {r.rss[2] - r.rss[0]:+.0f} | "
+              f"{1e3 * r.cpu_server / max(ok, 1):.0f} | {1e3 * r.cpu_clients / max(ok, 1):.0f} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for r in runs:
+        for msg, n in Counter(r.res.errors).most_common(5):
+            print(f"- {r.kind}: {n} x {msg}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ command that needs it, so ``--help`` and ``--version`` answer at once.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -64,44 +63,75 @@ def cmd_predict(args: argparse.Namespace) -> int:
     Columns: ``path``, one probability per label, ``above_threshold`` (the labels at or above their
     operating threshold, most probable first, ``;``-separated), ``warning`` (the input gate's, ``; ``-separated)
     and ``error`` (why a file could not be read; its probabilities are then empty).
+
+    Films are decoded in ``--workers`` processes while the model runs on batches of ``--batch-size``
+    (:mod:`chestxray.batch`); the rows are written batch by batch in input order, so ``--resume`` continues a
+    killed run. Under ``torchrun`` each process predicts its shard and rank 0 merges the parts into ``--out``.
     """
     from tqdm import tqdm
 
-    from chestxray.imaging import ImageReadError, read_image
+    from chestxray.batch import CsvAppender, Prediction, Shard, merge_parts, predict_films, read_rows
     from chestxray.predictor import Predictor
 
-    predictor = Predictor.load(args.model or default_model())
+    shard = Shard.from_env()
+    if (args.resume or shard.world > 1) and not args.out:
+        print("error: --resume and torchrun need --out (the CSV to continue or merge into)", file=sys.stderr)
+        return 2
+    cores = shard.cores()
+    workers = max(0, cores - 1) if args.workers is None else args.workers  # the model needs one core at least
+    predictor = Predictor.load(args.model or default_model(), device=shard.device())
+    cpu = predictor.device.type == "cpu"
+    # On a CPU, one lane a core (the lanes and the decoding workers share the cores, and whichever is ahead
+    # waits); a GPU needs one thread to feed it.
+    lanes = args.threads or (cores if cpu else 1)
     files = list(iter_images(args.paths))
     if not files:
         print("error: no image files found", file=sys.stderr)
         return 2
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
-    writer = csv.writer(out)
-    writer.writerow(["path", *predictor.labels, ABOVE, WARNING, ERROR])
+    header = ["path", *predictor.labels, ABOVE, WARNING, ERROR]
     cam_dir = Path(args.cam_dir) if args.cam_dir else None
     if cam_dir:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for f in tqdm(files, desc="predict", unit="img", disable=len(files) < 5 or not sys.stderr.isatty(), file=sys.stderr):
-        try:
-            xray = read_image(f)
-        except ImageReadError as err:
-            failed += 1
-            print(f"skipped {f}: {err}", file=sys.stderr)
-            writer.writerow([str(f), *([""] * len(predictor.labels)), "", "", str(err)])
-            continue
-        a = predictor.analyze(xray)  # the XrayImage carries what the gate reads (metadata, colour)
-        writer.writerow([str(f), *(f"{p:.5f}" for p in a.probs), ";".join(a.positives()),
-                         "; ".join(str(w) for w in a.warnings), ""])
+
+    def row(p: Prediction) -> list[str]:
+        a = p.analysis
+        if a is None:
+            print(f"skipped {p.path}: {p.error}", file=sys.stderr)
+            return [str(p.path), *([""] * len(predictor.labels)), "", "", p.error]
         for w in a.warnings:
-            print(f"warning {f}: {w}", file=sys.stderr)
+            print(f"warning {p.path}: {w}", file=sys.stderr)
         if cam_dir:
-            _write_cams(a, f, cam_dir, args.cam_label, args.alpha)
-    if args.out:
-        out.close()
-    print(f"{len(files) - failed} predicted, {failed} skipped" + (" (see the error column)" if failed else ""),
-          file=sys.stderr)
-    return 1 if failed else 0
+            _write_cams(a, p.path, cam_dir, args.cam_label, args.alpha)
+        return [str(p.path), *(f"{q:.5f}" for q in a.probs), ";".join(a.positives()),
+                "; ".join(str(w) for w in a.warnings), ""]
+
+    shard.start()
+    try:
+        sink = CsvAppender(shard.part(args.out) if args.out else None, header, resume=args.resume)
+        done = set(sink.done)
+        if shard.world > 1 and args.resume and Path(args.out).is_file():
+            done |= {r[0] for r in read_rows(args.out, header)}  # merged by an earlier run
+        todo = [f for f in shard.take(files) if str(f) not in done]
+        rows: list[list[str]] = []
+        with tqdm(total=len(todo), desc="predict", unit="img", file=sys.stderr,
+                  disable=len(todo) < 5 or not sys.stderr.isatty() or shard.rank > 0) as bar:
+            for batch in predict_films(predictor, todo, batch_size=args.batch_size, workers=workers, lanes=lanes,
+                                       threads=max(1, cores // lanes) if cpu else None, display=cam_dir is not None):
+                sink.write(new := [row(p) for p in batch])
+                rows += new
+                bar.update(len(batch))
+        sink.close()
+        shard.barrier()  # every part is complete
+        if shard.world > 1 and shard.rank == 0:
+            rows = merge_parts(args.out, shard.parts(args.out), [str(f) for f in files], header, args.resume)
+        failed = sum(1 for r in rows if r[-1])
+        if shard.rank == 0:  # its rows are every rank's now
+            already = len(files) - len(rows)
+            print(f"{len(rows) - failed} predicted, {failed} skipped" + (" (see the error column)" if failed else "")
+                  + (f"; {already} already in {args.out}" if already else ""), file=sys.stderr)
+        return shard.agree(1 if failed else 0)
+    finally:
+        shard.stop()
 
 
 def _write_cams(analysis, src: Path, cam_dir: Path, label: str | None, alpha: float) -> None:
@@ -262,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = command("predict", "probabilities per label for images, folders (recursive) or DICOMs",
                  "chestxray predict --out preds.csv film.dcm scans/\n"
-                 "chestxray predict --model efficientnet_b0 --cam-dir cams/ --cam-label positive film.png")
+                 "chestxray predict --model efficientnet_b0 --cam-dir cams/ --cam-label positive film.png\n"
+                 "chestxray predict --workers 3 --batch-size 32 --resume --out archive.csv archive/\n"
+                 "torchrun --nproc_per_node 4 -m chestxray predict --out archive.csv archive/   # one shard each")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image or DICOM files, or folders to walk recursively")
     pr.add_argument("--model", help=model_help)
     pr.add_argument("--out", help="CSV file: path, one probability column per label, above_threshold, warning, "
@@ -270,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cam-dir", help="write Grad-CAM overlay PNGs here")
     pr.add_argument("--cam-label", help="label to explain (default: the top one; 'positive' = all above threshold)")
     pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")
+    pr.add_argument("--workers", type=int, help="processes that decode the films while the model runs (default: "
+                                                "the usable cores minus one; 0: decode between the batches)")
+    pr.add_argument("--batch-size", type=int, default=16, help="films per forward pass (default 16)")
+    pr.add_argument("--threads", type=int, help="batches run through the model at once, one thread each (default: "
+                                                "the usable cores on a CPU, 1 on a GPU)")
+    pr.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and predict only the other files (a killed run "
+                         "loses at most one batch)")
     pr.set_defaults(func=cmd_predict)
 
     ev = command("evaluate", "metrics.json, ROC curves, confusion matrices and calibration on labelled images",

@@ -60,6 +60,16 @@ def card_summary(card: dict[str, Any]) -> str:
     return line + "."
 
 
+def probability_scale(analysis) -> str:
+    """What the analysis's probabilities are, in words (the report's and the HTTP API's ``probability_scale``)."""
+    reference = getattr(analysis, "reference", None)
+    if reference:  # the NIH-14 models: a prior shift puts every probability on this population's scale
+        return (f"calibrated to {reference} (thresholds mapped to match); a child's film is read on the same "
+                "adult scale")
+    return ("temperature-calibrated per label on validation (thresholds mapped to match)"
+            if getattr(analysis, "calibrated", False) else "raw model output (sigmoid of the logit)")
+
+
 def report_dict(analysis, *, model: dict[str, Any], image: dict[str, Any], view: dict[str, Any],
                 disclaimer: str) -> dict[str, Any]:
     """The JSON report: every label's probability, threshold and mark, the model, the file's technical
@@ -75,8 +85,7 @@ def report_dict(analysis, *, model: dict[str, Any], image: dict[str, Any], view:
                   "source": model.get("source"), "summary": card_summary(model),
                   "threshold_rule": model.get("threshold_rule")},
         "image": image,
-        "probability_scale": ("temperature-calibrated per label on validation (thresholds mapped to match)"
-                              if getattr(analysis, "calibrated", False) else "raw model output (sigmoid of the logit)"),
+        "probability_scale": probability_scale(analysis),
         "findings": rows,
         "probabilities": {r["label"]: r["probability"] for r in rows},
         "thresholds": {r["label"]: r["threshold"] for r in rows},

@@ -38,10 +38,8 @@ def url(tmp_path_factory):
     import app
 
     demo = app.create_demo()
-    demo.queue(default_concurrency_limit=app.CONCURRENCY, max_size=app.QUEUE_SIZE)
-    app.tune_queue(demo)
-    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                                  max_file_size="25mb")
+    _, local_url, _ = app.launch(demo, server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
+                                 quiet=True)
     yield local_url
     demo.close()
     mp.undo()

@@ -64,13 +64,13 @@ def test_predict_to_stdout_and_cam_label(model_dir, data_dir, tmp_path, capsys):
 
 
 def test_gate_warning_goes_to_the_csv(model_dir, data_dir, monkeypatch, capsys):
-    """The input gate's warnings land in the CSV's warning column (and still on stderr)."""
-    from chestxray.predictor import Predictor
+    """The input gate's warnings land in the CSV's warning column (and still on stderr); tests/test_batch.py
+    checks that they are ``Predictor.analyze``'s on real non-chest images."""
+    from chestxray import batch
 
-    real = Predictor.analyze
+    real = batch.gate_verdict
     text = "This does not look like a frontal chest X-ray"
-    monkeypatch.setattr(Predictor, "analyze",
-                        lambda self, image, *a, **k: (r := real(self, image, *a, **k), r.warnings.append(text))[0])
+    monkeypatch.setattr(batch, "gate_verdict", lambda *a: (r := real(*a), r.reasons.append(text))[0])
     img = data_dir / "nih/images_384/00000100_000.png"
     assert main(["predict", "--model", str(model_dir), str(img)]) == 0
     captured = capsys.readouterr()

@@ -54,6 +54,21 @@ def test_import_package_does_not_import_torch():
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
 
 
+def test_the_service_imports_neither_gradio_nor_torch():
+    """Every module of ``chestxray.serve`` (the HTTP API's included) imports without gradio, torch or timm: the
+    service is the library's, for any front end, and a page can be built before torch is imported."""
+    from chestxray import serve
+
+    names = sorted(f"chestxray.serve.{p.stem}" for p in Path(serve.__file__).parent.glob("*.py")
+                   if p.stem != "__init__")
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "; ".join(f"import {n}" for n in names)],
+                         capture_output=True, text=True, cwd=REPO, env=_clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    modules = _imported(res.stderr)
+    assert set(names) <= modules and "fastapi" in modules  # the check sees the service's own imports
+    assert not {m for m in modules if m.split(".")[0] in ("gradio", "torch", "timm")}, "chestxray.serve imported these"
+
+
 def test_the_app_page_is_built_without_torch():
     """``python app.py`` serves its page before importing torch and timm (about 5 s of its start-up): the
     page, the model list and the default model's card need neither. The warm-up thread, which imports them
@@ -232,6 +247,7 @@ def test_installed_package_predicts_offline_from_any_directory(installed, tmp_pa
     entries = yaml.safe_load((shipped / "models.yaml").read_text())["models"]
     assert all((shipped / "weights" / e["local"] / f).is_file() for e in entries
                for f in ("config.json", "model.safetensors"))
+    assert (installed / "chestxray" / "serve" / "rest.py").is_file()  # the app's service is part of the package
     where = subprocess.run([sys.executable, "-c", "import chestxray.layout as l; print(l.weights_dir())"], **run)
     assert where.stdout.strip() == str(shipped / "weights"), where.stderr
     # the console script: version, and help without torch

@@ -16,13 +16,25 @@ PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "cam_methods", "boxes", "layout", "ckpt_config",
            "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained",
-           "sources"}
+           "sources", "serve"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
-           "plots", "gate_fit", "distill", "localization", "cli", "train_cli", "recipes"}
+           "plots", "gate_fit", "distill", "localization", "cli", "train_cli", "recipes", "cv", "prevalence", "batch"}
+
+
+def _files() -> dict[str, ast.Module]:
+    """The package's own top-level modules."""
+    return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted(PKG.glob("*.py"))}
+
+
+def _subpackages() -> dict[str, ast.Module]:
+    """Each sub-package (``chestxray/serve/``) as one module: the imports of all its files together."""
+    return {d.name: ast.Module(body=[node for p in sorted(d.glob("*.py")) for node in ast.parse(p.read_text()).body],
+                               type_ignores=[])
+            for d in sorted(PKG.iterdir()) if (d / "__init__.py").is_file()}
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted(PKG.glob("*.py"))}
+    return {**_files(), **_subpackages()}
 
 
 def _imported(node: ast.AST, modules: set[str]) -> set[str]:
@@ -35,7 +47,7 @@ def _imported(node: ast.AST, modules: set[str]) -> set[str]:
                 out.add(parts[1] if len(parts) > 1 else "__init__")
     elif isinstance(node, ast.ImportFrom):
         module = node.module or ""
-        if node.level:  # relative: the package itself, since chestxray has no sub-packages
+        if node.level:  # relative: the package itself (sub-packages use absolute imports)
             module = "chestxray" + ("." + module if module else "")
         parts = module.split(".")
         if parts[0] == "chestxray" and len(parts) > 1:
@@ -130,11 +142,27 @@ def test_the_readme_module_table_lists_every_module():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     named = {name.removeprefix("chestxray/") for row in rows for name in row.split(" | ")[0].strip("| ").replace(
         "`", "").split(", ")}
-    assert set(f"{m}.py" for m in _modules()) <= named, "add these modules to README's table"
-    assert not {n for n in named if n.endswith(".py") and "/" not in n} - {f"{m}.py" for m in _modules()} - {
+    assert set(f"{m}.py" for m in _files()) <= named, "add these modules to README's table"
+    assert not {n for n in named if n.endswith(".py") and "/" not in n} - {f"{m}.py" for m in _files()} - {
         "app.py", "setup.py"}, "README's table names modules that no longer exist"
 
 
+def test_the_service_imports_only_runtime_modules_and_never_gradio():
+    """``chestxray.serve`` is the app's service for every front end: run-time modules only, and no module of the
+    library imports gradio (the Gradio page is ``app.py``'s alone)."""
+    assert import_graph()["serve"] <= RUNTIME
+    gradio = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+              if isinstance(node, (ast.Import, ast.ImportFrom))
+              and any(n.split(".")[0] == "gradio" for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                                                            else [node.module or ""]))}
+    assert gradio == set(), f"library modules importing gradio: {sorted(gradio)}"
+
+
+def test_the_app_page_stays_small():
+    """``app.py`` holds the page and its events only (issue 23): everything else belongs to ``chestxray.serve``."""
+    assert len((PKG.parent / "app.py").read_text().splitlines()) < 400
+
+
 def test_no_module_is_over_500_lines():
-    long = {p.name: n for p in PKG.glob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    long = {p.name: n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert long == {}, f"split these modules: {long}"

@@ -100,6 +100,15 @@ def test_predictor_reports_the_shifted_scale_with_the_same_flags_and_maps(films,
         a, a0 = shifted.analyze(path), base.analyze(path)
         assert set(a.positives()) == set(a0.positives()) and a.reference == NIH_ADULTS
         np.testing.assert_array_equal(a.cams, a0.cams)
+    # The page's caption, the report and the HTTP API say which population the numbers refer to, also
+    # after the analysis went through the session store.
+    from chestxray.report import probability_scale
+    from chestxray.serve.sessions import pack, unpack
+    from chestxray.serve.text import caption
+
+    kept = unpack(pack(a))
+    assert NIH_ADULTS in caption(kept, "Pneumonia", "gradcam") and "child" in caption(kept, "Pneumonia", "gradcam")
+    assert NIH_ADULTS in probability_scale(kept) and NIH_ADULTS not in probability_scale(a0)
     # evaluate: AUROC unchanged, and the report says how the numbers read against NIH's prevalence.
     m = evaluate_manifest(shifted, films, tmp_path / "eval", n_boot=0, progress=False, logits=Z)
     m0 = evaluate_manifest(base, films, tmp_path / "eval0", n_boot=0, progress=False, logits=Z)

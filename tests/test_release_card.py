@@ -66,12 +66,12 @@ def test_released_card_front_matter(released):
 
 
 def test_app_card_panel_shows_the_released_test_auroc(released, monkeypatch, tmp_path):
-    import app
     from chestxray.registry import ModelRegistry
+    from chestxray.serve.text import card_markdown
 
     monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(released.parent))
     (tmp_path / "m.yaml").write_text("default: tiny\nmodels:\n  - {name: tiny, local: tiny}\n")
-    text = app.card_markdown(ModelRegistry.from_yaml(tmp_path / "m.yaml").card("tiny"))
+    text = card_markdown(ModelRegistry.from_yaml(tmp_path / "m.yaml").card("tiny"))
     m = CkptMeta.read(released).metrics
     balanced = text.index(f"Test, NIH, label-balanced films (reproduce_chexnet sample): mean AUROC "
                           f"**{m.mean_auroc['reproduce_chexnet']:.3f}**")

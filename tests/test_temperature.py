@@ -239,10 +239,11 @@ def test_recard_keeps_weights_byte_identical_and_reproduces_itself(shipped_like,
 def test_app_and_report_say_when_probabilities_are_calibrated(tiny, tmp_path, films, monkeypatch):
     import shutil
 
-    import app
     from chestxray.predictor import Predictor
     from chestxray.registry import ModelRegistry
     from chestxray.report import report_dict
+    from chestxray.serve.sessions import pack, unpack
+    from chestxray.serve.text import caption, card_markdown, label_table
 
     folder, raw, _, _ = tiny
     cal_folder = tmp_path / "weights" / "cal"
@@ -252,16 +253,16 @@ def test_app_and_report_say_when_probabilities_are_calibrated(tiny, tmp_path, fi
     a_cal = Predictor.load(cal_folder, device="cpu").analyze(films["path"][0])
     a_raw = raw.analyze(films["path"][0])
     assert a_cal.calibrated and not a_raw.calibrated
-    assert app.unpack(app.pack(a_cal)).calibrated
-    assert "temperature-calibrated on validation" in app.caption(a_cal, "Effusion", "gradcam")
-    assert "temperature-calibrated" not in app.caption(a_raw, "Effusion", "gradcam")
-    assert "temperature-calibrated" in app.label_table(a_cal)
+    assert unpack(pack(a_cal)).calibrated
+    assert "temperature-calibrated on validation" in caption(a_cal, "Effusion", "gradcam")
+    assert "temperature-calibrated" not in caption(a_raw, "Effusion", "gradcam")
+    assert "temperature-calibrated" in label_table(a_cal)
     monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(cal_folder.parent))
     (tmp_path / "m.yaml").write_text("default: cal\nmodels:\n  - {name: cal, local: cal}\n")
     card = ModelRegistry.from_yaml(tmp_path / "m.yaml").card("cal")
     assert card["thresholds"]["Effusion"] == pytest.approx(map_threshold(0.4, 2.0))
     assert card["thresholds"]["Mass"] == 0.4
-    assert "temperature-calibrated on validation" in app.card_markdown(card)
+    assert "temperature-calibrated on validation" in card_markdown(card)
     data = report_dict(a_cal, model=card, image={}, view={}, disclaimer="x")
     assert data["probability_scale"].startswith("temperature-calibrated")
     assert data["thresholds"]["Effusion"] == pytest.approx(map_threshold(0.4, 2.0), abs=1e-6)
