@@ -10,7 +10,7 @@ pooled. The pooled out-of-fold predictions are evaluated like ``chestxray evalua
 the label-balanced NIH films with a bootstrap CI, mixed and per-source figures, calibration, the
 pointing game on each fold's held-out boxed films). Operating thresholds (on the recipe's
 ``val_sources`` films) and temperatures (on every film) are fitted on the out-of-fold predictions:
-what an all-data model trained with the same recipe ships (``chestxray release --cv``).
+what an all-data model trained with the same recipe is to ship.
 
 Layout of ``<out>``::
 
