@@ -306,8 +306,11 @@ class Shard:
         return [self.part(out, r) for r in range(self.world)]
 
     def device(self) -> torch.device | None:
-        """This rank's GPU (LOCAL_RANK) when there are GPUs and several processes; None: the predictor's choice."""
-        return torch.device("cuda", self.local_rank) if self.world > 1 and torch.cuda.is_available() else None
+        """This rank's GPU (LOCAL_RANK; ranks share them when there are more ranks than GPUs) when there are GPUs
+        and several processes; None: the predictor's choice."""
+        if self.world == 1 or not torch.cuda.is_available():
+            return None
+        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
 
     def cores(self) -> int:
         """This process's share of the machine's usable cores."""

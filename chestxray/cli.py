@@ -112,22 +112,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if shard.world > 1 and args.resume and Path(args.out).is_file():
             done |= {r[0] for r in read_rows(args.out, header)}  # merged by an earlier run
         todo = [f for f in shard.take(files) if str(f) not in done]
-        rows: list[list[str]] = []
+        written = failed = 0  # counted, not kept: an archive's rows need not fit in memory
         with tqdm(total=len(todo), desc="predict", unit="img", file=sys.stderr,
                   disable=len(todo) < 5 or not sys.stderr.isatty() or shard.rank > 0) as bar:
             for batch in predict_films(predictor, todo, batch_size=args.batch_size, workers=workers, lanes=lanes,
                                        threads=max(1, cores // lanes) if cpu else None, display=cam_dir is not None):
-                sink.write(new := [row(p) for p in batch])
-                rows += new
+                sink.write(rows := [row(p) for p in batch])
+                written, failed = written + len(rows), failed + sum(1 for r in rows if r[-1])
                 bar.update(len(batch))
         sink.close()
         shard.barrier()  # every part is complete
-        if shard.world > 1 and shard.rank == 0:
+        if shard.world > 1 and shard.rank == 0:  # the counts become every rank's
             rows = merge_parts(args.out, shard.parts(args.out), [str(f) for f in files], header, args.resume)
-        failed = sum(1 for r in rows if r[-1])
-        if shard.rank == 0:  # its rows are every rank's now
-            already = len(files) - len(rows)
-            print(f"{len(rows) - failed} predicted, {failed} skipped" + (" (see the error column)" if failed else "")
+            written, failed = len(rows), sum(1 for r in rows if r[-1])
+        if shard.rank == 0:
+            already = len(files) - written
+            print(f"{written - failed} predicted, {failed} skipped" + (" (see the error column)" if failed else "")
                   + (f"; {already} already in {args.out}" if already else ""), file=sys.stderr)
         return shard.agree(1 if failed else 0)
     finally:
@@ -303,10 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cam-label", help="label to explain (default: the top one; 'positive' = all above threshold)")
     pr.add_argument("--alpha", type=float, default=0.4, help="overlay opacity (default 0.4)")
     pr.add_argument("--workers", type=int, help="processes that decode the films while the model runs (default: "
-                                                "the usable cores minus one; 0: decode between the batches)")
+                                                "the usable cores minus one; 0: decode in the main process)")
     pr.add_argument("--batch-size", type=int, default=16, help="films per forward pass (default 16)")
-    pr.add_argument("--threads", type=int, help="batches run through the model at once, one thread each (default: "
-                                                "the usable cores on a CPU, 1 on a GPU)")
+    pr.add_argument("--threads", type=int, help="batches run through the model at once, each in its own thread, "
+                                                "the cores shared out among them (default: the usable cores on a "
+                                                "CPU, 1 on a GPU)")
     pr.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out and predict only the other files (a killed run "
                          "loses at most one batch)")

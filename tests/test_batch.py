@@ -65,7 +65,7 @@ def assert_same_predictions(rows: list[list[str]], reference: list[list[str]], n
 
 def test_workers_and_batches_give_what_analyze_gives_one_by_one(gated, films):
     """Probabilities, flags and the gate's verdict (rules, messages, score) of every film, errors of bad files."""
-    got = [p for batch in predict_films(gated, films, batch_size=3, workers=2) for p in batch]
+    got = [p for batch in predict_films(gated, films, batch_size=3, workers=2, lanes=2) for p in batch]
     assert [p.path for p in got] == films  # input order
     rules = set()
     for path, p in zip(films, got):
@@ -84,6 +84,18 @@ def test_workers_and_batches_give_what_analyze_gives_one_by_one(gated, films):
         rules |= set(ref.gate.rules)
     assert {"modality", "body_part", "colour", "shape", "appearance"} <= rules  # every kind of warning was met
     assert sum(p.error != "" for p in got) == 2
+
+
+def test_an_unforeseen_failure_is_one_films_error(gated, films, monkeypatch):
+    """A reader failure other than ImageReadError becomes that film's error (its text is not echoed: it may quote
+    the file); the loader goes on with the others."""
+    from chestxray import batch
+
+    real = batch.read_image
+    monkeypatch.setattr(batch, "read_image", lambda p: real(p) if p != films[1] else 1 / 0)
+    got = [p for b in predict_films(gated, films[:3], batch_size=2, workers=0, lanes=2) for p in b]
+    assert [p.error for p in got] == ["", "could not be read (ZeroDivisionError)", ""]
+    assert got[0].analysis is not None and got[2].analysis is not None
 
 
 def test_the_gate_reads_the_same_features_from_the_thumbnail(gated, data_dir):
