@@ -9,7 +9,8 @@ path (:func:`chestxray.evaluate.predict_paths`: ``read_image`` + the checkpoint'
 pooled. The pooled out-of-fold predictions are evaluated like ``chestxray evaluate`` does (headline on
 the label-balanced NIH films with a bootstrap CI, mixed and per-source figures, calibration, the
 pointing game on each fold's held-out boxed films). Operating thresholds (on the recipe's
-``val_sources`` films) and temperatures (on every film) are fitted on the out-of-fold predictions:
+``val_sources`` films), temperatures (on every film) and prior shifts to NIH's adult prevalence (on the NIH
+films) are fitted on the out-of-fold predictions:
 what an all-data model trained with the same recipe is to ship.
 
 Layout of ``<out>``::
@@ -124,29 +125,31 @@ def fold_pointing(run: Path, data_root: str | os.PathLike, folder: str = "nih/im
     return result["pairs"]
 
 
-def fit_on_oof(Y: np.ndarray, Z: np.ndarray, labels: list[str], select_rows: np.ndarray,
-               rule: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Operating thresholds (raw ``sigmoid(logit)`` scale, rule ``rule``, on ``select_rows``) and
-    per-label temperatures (every film) fitted on pooled out-of-fold logits."""
-    from chestxray.calibration import fit_temperatures, sigmoid
+def fit_on_oof(df: pd.DataFrame, Y: np.ndarray, Z: np.ndarray, labels: list[str], select_rows: np.ndarray,
+               rule: str, data_root: str | os.PathLike, fitted_on: str):
+    """Operating thresholds (raw ``sigmoid(logit)`` scale, rule ``rule``, on ``select_rows``) and the calibration
+    (temperatures on every film, prior shifts to NIH's adult prevalence on the NIH films: the same fit as a
+    release's, :func:`chestxray.release.calibration_from_logits`) fitted on pooled out-of-fold logits."""
+    from chestxray.calibration import sigmoid
     from chestxray.metrics import choose_threshold
+    from chestxray.release import calibration_from_logits, reference_prevalence
+    from chestxray.sources import collection_of
 
     P = sigmoid(Z)
     thresholds = {k: round(float(choose_threshold(Y[select_rows, i], P[select_rows, i], rule)), 6)
                   for i, k in enumerate(labels)}
-    temps = {k: round(t, 6) for k, t in fit_temperatures(Y, Z, labels).items()}
-    return thresholds, temps
+    nih = df["source"].map(collection_of).eq("nih").to_numpy()
+    return thresholds, calibration_from_logits(Y, Z, labels, nih, fitted_on, reference_prevalence(data_root, labels))
 
 
-def oof_predictor(run: Path, thresholds: dict[str, float], temperatures: dict[str, float], fitted_on: str):
-    """Fold ``run``'s loaded model carrying the out-of-fold thresholds and temperatures: it stands for the
+def oof_predictor(run: Path, thresholds: dict[str, float], calibration):
+    """Fold ``run``'s loaded model carrying the out-of-fold thresholds and calibration: it stands for the
     recipe's labels, thresholds and probability scale when the pooled predictions are evaluated."""
-    from chestxray.ckpt_config import Calibration
     from chestxray.predictor import Predictor
 
     base = Predictor.load(str(run / "best"), device="cpu")
     meta = copy.deepcopy(base.ckpt.meta)
-    meta.calibration = Calibration(temperatures=temperatures, fitted_on=fitted_on) if temperatures else None
+    meta.calibration = calibration
     ckpt = dataclasses.replace(base.ckpt, thresholds=dict(thresholds), meta=meta)
     return Predictor(ckpt, device="cpu")
 
@@ -197,9 +200,9 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
     select = np.ones(len(df), dtype=bool)
     if cfg.val_sources:
         select = (df["source"].isin(cfg.val_sources) | df["cohort"].isin(cfg.val_sources)).to_numpy()
-    thresholds, temps = fit_on_oof(Y, Z, labels, select, cfg.threshold_rule)
     fitted_on = f"out-of-fold predictions of {folds}-fold cross-validation, all sources ({len(df)} films)"
-    predictor = oof_predictor(runs[0], thresholds, temps, fitted_on)
+    thresholds, calibration = fit_on_oof(df, Y, Z, labels, select, cfg.threshold_rule, cfg.data_root, fitted_on)
+    predictor = oof_predictor(runs[0], thresholds, calibration)
     loc = pairs_result(pairs) if pairs else None
     name = Path(cfg.out).name
     metrics = evaluate_manifest(predictor, df, out / "eval", n_boot=cfg.eval_boot, progress=progress, logits=Z,
@@ -217,7 +220,9 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
         "localization": ({k: loc[k] for k in ("n_pairs", "n_films", "hit_rate", "chance", "iou_hit_rate")}
                          if loc else None),
         "threshold_rule": cfg.threshold_rule, "thresholds_fitted_on": list(cfg.val_sources) or "all",
-        "thresholds": thresholds, "temperatures": temps, "temperatures_fitted_on": fitted_on,
+        "thresholds": thresholds, "temperatures": calibration.temperatures if calibration else {},
+        "temperatures_fitted_on": fitted_on, "shifts": calibration.shifts if calibration else {},
+        "shift_fitted_on": calibration.shift_fitted_on if calibration else None,
         "per_fold": per_fold, "config": dataclasses.asdict(cfg),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_jsonable))

@@ -94,6 +94,15 @@ def reference_weights(y: np.ndarray, no_finding: np.ndarray | None, prevalence: 
     return w
 
 
+def label_weights(Y: np.ndarray, labels: list[str], k: int, prevalence: dict[str, float]) -> np.ndarray:
+    """:func:`reference_weights` of label ``k`` (column of ``Y``), its negatives split by No Finding where the
+    label set and the reference have it (and ``k`` is not No Finding itself)."""
+    nf = labels.index(NO_FINDING) if NO_FINDING in labels and NO_FINDING in prevalence else None
+    split = nf is not None and k != nf
+    return reference_weights(Y[:, k], Y[:, nf] if split else None, prevalence[labels[k]],
+                             prevalence[NO_FINDING] if split else None)
+
+
 def fit_shift(y: np.ndarray, z: np.ndarray, weights: np.ndarray) -> float | None:
     """The logit shift ``b`` that maximises the weighted log-likelihood of ``sigmoid(z + b)``.
 
@@ -130,14 +139,11 @@ def fit_shifts(Y: np.ndarray, Z: np.ndarray, labels: list[str], prevalence: dict
     label (:func:`reference_weights`, negatives split by No Finding where the label set has it).
     """
     temperatures = temperatures or {}
-    nf = labels.index(NO_FINDING) if NO_FINDING in labels else None
     out = {}
     for k, name in enumerate(labels):
         if name not in prevalence:
             continue
-        split_nf = nf is not None and k != nf and NO_FINDING in prevalence
-        w = reference_weights(Y[:, k], Y[:, nf] if split_nf else None, prevalence[name],
-                              prevalence.get(NO_FINDING) if split_nf else None)
+        w = label_weights(Y, labels, k, prevalence)
         b = fit_shift(Y[:, k], Z[:, k] / temperatures.get(name, 1.0), w)
         if b is not None and math.isfinite(b):
             out[name] = round(b, 6)
@@ -169,9 +175,7 @@ def reference_report(Y: np.ndarray, Z: np.ndarray, labels: list[str], prevalence
             continue
         z = Z[:, k] / temperatures.get(name, 1.0)
         before, after = sigmoid(z), sigmoid(z + shifts.get(name, 0.0))
-        split_nf = nf is not None and k != nf and NO_FINDING in prevalence
-        w = reference_weights(Y[:, k], Y[:, nf] if split_nf else None, prevalence[name],
-                              prevalence.get(NO_FINDING) if split_nf else None)
+        w = label_weights(Y, labels, k, prevalence)
         row: dict[str, object] = {"prevalence": prevalence[name], "shift": shifts.get(name),
                                   "n_films": int((~np.isnan(Y[:, k])).sum()), "n_normal": int(normal.sum())}
         for side, p in (("before", before), ("after", after)):

@@ -97,8 +97,9 @@ def test_pooled_evaluation_uses_thresholds_and_temperatures_fitted_out_of_fold(c
     bal = (oof["cohort"] == "reproduce_chexnet").to_numpy()
     assert summary["mean_auroc"]["reproduce_chexnet"] == pytest.approx(mean_auroc(Y[bal], sigmoid(Z[bal])), abs=1e-4)
     assert metrics["by_group"]["reproduce_chexnet"]["n_images"] == int(bal.sum())
-    thresholds, temps = cv.fit_on_oof(Y, Z, labels, bal, "spec90")
-    assert summary["thresholds"] == thresholds and summary["temperatures"] == temps
+    df = oof.reset_index(drop=True)
+    thresholds, cal = cv.fit_on_oof(df, Y, Z, labels, bal, "spec90", cfg.data_root, "oof")
+    assert summary["thresholds"] == thresholds and summary["temperatures"] == cal.temperatures
     for name in ("roc.png", "confusion.png", "reliability.png", "predictions.csv"):
         assert os.path.getsize(os.path.join(cfg.out, "eval", name)) > 0
     assert [f["fold"] for f in summary["per_fold"]] == list(range(FOLDS))
