@@ -171,7 +171,8 @@ class ModelRegistry:
         card.update({"metrics": summary} if meta.metrics and (summary := _metrics_summary(meta.metrics)) else {})
         if meta.calibration:
             card["calibration"] = {"method": meta.calibration.method, "temperatures": meta.temperatures,
-                                   "fitted_on": meta.calibration.fitted_on, "n_films": meta.calibration.n_films}
+                                   "fitted_on": meta.calibration.fitted_on, "n_films": meta.calibration.n_films,
+                                   "reference": meta.reference, "n_shifts": len(meta.shifts)}
         return card
 
 

@@ -109,6 +109,17 @@ def test_predictor_reports_the_shifted_scale_with_the_same_flags_and_maps(films,
     kept = unpack(pack(a))
     assert NIH_ADULTS in caption(kept, "Pneumonia", "gradcam") and "child" in caption(kept, "Pneumonia", "gradcam")
     assert NIH_ADULTS in probability_scale(kept) and NIH_ADULTS not in probability_scale(a0)
+    from chestxray.registry import ModelRegistry
+    from chestxray.serve.text import card_markdown, label_table
+
+    assert NIH_ADULTS in label_table(kept) and NIH_ADULTS not in label_table(a0)
+    (tmp_path / "m.yaml").write_text("default: shifted\nmodels:\n  - {name: shifted, local: shifted}\n"
+                                     "  - {name: base, local: base}\n")
+    with pytest.MonkeyPatch.context() as mp:  # the app's card panel says the same as the config
+        mp.setenv("CHESTXRAY_WEIGHTS", str(tmp_path))
+        registry = ModelRegistry.from_yaml(tmp_path / "m.yaml")
+        assert NIH_ADULTS in card_markdown(registry.card("shifted"))
+        assert NIH_ADULTS not in card_markdown(registry.card("base"))
     # evaluate: AUROC unchanged, and the report says how the numbers read against NIH's prevalence.
     m = evaluate_manifest(shifted, films, tmp_path / "eval", n_boot=0, progress=False, logits=Z)
     m0 = evaluate_manifest(base, films, tmp_path / "eval0", n_boot=0, progress=False, logits=Z)

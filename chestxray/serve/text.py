@@ -71,9 +71,16 @@ def label_table(analysis: Analysis) -> str:
     return (f'<table style="width:100%;border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table><p style="font-size:12px;margin:6px 0 0 0">▲ bold: probability '
             "at or above the label's operating threshold (above threshold). "
-            + ("Probabilities are temperature-calibrated per label on validation films (thresholds mapped to "
-               "match). " if getattr(analysis, "calibrated", False) else "")
+            + (f"Probabilities are {_scale(analysis)}. " if getattr(analysis, "calibrated", False) else "")
             + "This is a model output, not a diagnosis.</p>")
+
+
+def _scale(analysis: Analysis) -> str:
+    """The report's words for the probability scale (imported here: the report pulls in matplotlib, which the
+    page is built without)."""
+    from chestxray.report import probability_scale
+
+    return probability_scale(analysis)
 
 
 def caption(analysis: Analysis, label: str, method: str, scale: str = "minmax") -> str:
@@ -136,6 +143,9 @@ def card_markdown(card: dict) -> str:
         lines.append(f"Probabilities are **temperature-calibrated on validation**{on}: each label's logit is divided "
                      f"by its own temperature ({len(cal['temperatures'])} labels), which keeps the order of the films; "
                      "the thresholds below are mapped the same way, so the same films are marked.")
+        if cal.get("reference"):
+            lines.append(f"Then each label's logit is shifted once ({cal['n_shifts']} labels) so that the probabilities "
+                         f"refer to **{cal['reference']}**; a child's film is read on the same adult scale.")
     else:
         lines.append("Probabilities are the model's raw outputs (not recalibrated).")
     if c.get("thresholds"):
