@@ -203,10 +203,16 @@ def cmd_localize(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     """Builds a shipped checkpoint folder from a training run."""
     from chestxray.release import release
+    from chestxray.release_cv import release_from_cv
 
-    dest = release(args.run, args.name or Path(args.run).name, dest_root=args.dest, data_root=args.data_root,
-                   n_boot=args.n_boot, fit_gate=not args.no_gate, repo_id=args.repo_id,
-                   progress=sys.stderr.isatty(), calibrate=not args.no_calibrate)
+    name = args.name or Path(args.run).name
+    if args.cv:  # all-data weights: the cross-validation's figures, thresholds and calibration
+        dest = release_from_cv(args.run, args.cv, name, dest_root=args.dest, data_root=args.data_root,
+                               fit_gate=not args.no_gate, repo_id=args.repo_id)
+    else:
+        dest = release(args.run, name, dest_root=args.dest, data_root=args.data_root, n_boot=args.n_boot,
+                       fit_gate=not args.no_gate, repo_id=args.repo_id, progress=sys.stderr.isatty(),
+                       calibrate=not args.no_calibrate)
     print(f"released {dest}")
     return 0
 
@@ -355,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--no-gate", action="store_true", help="do not fit the input gate")
     rl.add_argument("--no-calibrate", action="store_true",
                     help="fit no per-label temperatures on the validation films")
+    rl.add_argument("--cv", metavar="CV_DIR",
+                    help="RUN trained on every film (split all): take the figures, thresholds and calibration from "
+                         "this cross-validation of the same recipe (chestxray cv's --out)")
     rl.set_defaults(func=cmd_release)
 
     rc = command("recard", "refresh a shipped folder's card, metrics.json and config.json (temperatures) without "

@@ -11,7 +11,7 @@ the label-balanced NIH films with a bootstrap CI, mixed and per-source figures, 
 pointing game on each fold's held-out boxed films). Operating thresholds (on the recipe's
 ``val_sources`` films), temperatures (on every film) and prior shifts to NIH's adult prevalence (on the NIH
 films) are fitted on the out-of-fold predictions:
-what an all-data model trained with the same recipe is to ship.
+what an all-data model trained with the same recipe ships (:mod:`chestxray.release_cv`).
 
 Layout of ``<out>``::
 
@@ -223,6 +223,7 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
         "thresholds": thresholds, "temperatures": calibration.temperatures if calibration else {},
         "temperatures_fitted_on": fitted_on, "shifts": calibration.shifts if calibration else {},
         "shift_fitted_on": calibration.shift_fitted_on if calibration else None,
+        "calibration": calibration.to_dict() if calibration else None,  # what the all-data release ships
         "per_fold": per_fold, "config": dataclasses.asdict(cfg),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_jsonable))

@@ -38,9 +38,13 @@ def _ci(ci: list | None) -> str:
     return f" ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
-def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str | None = None) -> list[EvalResult]:
-    """Hub eval results on the test split: mean AUROC on the headline and mixed groups, then per-label AUROC on
-    the headline group. Groups whose collection has no Hub dataset id are left out (``model-index`` needs one)."""
+def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str | None = None,
+                 folds: int = 0) -> list[EvalResult]:
+    """Hub eval results on the test split (``folds``: out of fold, k-fold cross-validation): mean AUROC on the
+    headline and mixed groups, then per-label AUROC on the headline group. Groups whose collection has no Hub
+    dataset id are left out (``model-index`` needs one)."""
+    where, split = ((f"out of fold, {folds}-fold patient-wise cross-validation", "cross-validation") if folds
+                    else ("held-out test patients", "test"))
     groups = metrics.get("by_group", {})
     means, per_label = [], []
     for g in dict.fromkeys(x for x in (headline_group, mixed_group) if x):
@@ -52,7 +56,7 @@ def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str 
 
         def result(name: str, value: float, hub_id: str = hub_id, title: str = title) -> EvalResult:
             return EvalResult(task_type="image-classification", task_name=TASK, dataset_type=hub_id,
-                              dataset_name=f"{title}, held-out test patients", dataset_split="test",
+                              dataset_name=f"{title}, {where}", dataset_split=split,
                               metric_type="roc_auc", metric_name=name, metric_value=round(float(value), 4))
 
         n = f", {m['n_images']} films" if m.get("n_images") else ""
@@ -64,11 +68,11 @@ def eval_results(metrics: dict[str, Any], headline_group: str, mixed_group: str 
 
 
 def card_data(name: str, meta: CkptMeta, metrics: dict[str, Any], headline_group: str,
-              mixed_group: str | None = None) -> ModelCardData:
+              mixed_group: str | None = None, folds: int = 0) -> ModelCardData:
     """The card's front matter: licence, training datasets (Hub ids), metric ids and ``model-index``."""
     sources = (meta.training or Training()).sources or list(metrics.get("sources", []))
     datasets = [hub for c in collections(sources) if (hub := COLLECTIONS[c].hub_id)]
-    results = eval_results(metrics, headline_group, mixed_group)
+    results = eval_results(metrics, headline_group, mixed_group, folds)
     return ModelCardData(model_name=name, library_name="timm", license="apache-2.0",
                          pipeline_tag="image-classification", tags=TAGS, datasets=datasets or None,
                          metrics=["roc_auc"], eval_results=results or None)
@@ -217,13 +221,14 @@ def _arrow(before: float | None, after: float | None) -> str:
     return f"{_fmt(before)} -> {_fmt(after)}"
 
 
-def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tuple[str, str]]) -> list[str]:
-    """Card lines on temperature scaling: what was fitted where, ECE and Brier before -> after on the test films
-    (per group), and a per-label table with each temperature."""
+def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tuple[str, str]],
+                      held: str = "test") -> list[str]:
+    """Card lines on temperature scaling: what was fitted where, ECE and Brier before -> after on the ``held``
+    films (test, or out-of-fold: then the same films it was fitted on), per group, and a per-label table."""
     fitted = (f" on {calibration.n_films} films of the {calibration.fitted_on}" if calibration is not None
               and calibration.fitted_on else " on validation films")
     temps = scaling.get("temperatures", {})
-    rows = ["| test films | images | mean ECE | pooled ECE | mean Brier | pooled Brier |", "|---|---|---|---|---|---|"]
+    rows = [f"| {held} films | images | mean ECE | pooled ECE | mean Brier | pooled Brier |", "|---|---|---|---|---|---|"]
     for key, title in groups:
         g = scaling["all"] if key == "all" else scaling.get("by_group", {}).get(key)
         if not g:
@@ -258,7 +263,9 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
         "apart. Dividing by T keeps every label's order of films, so AUROC and AUPRC are unchanged, and each "
         "operating threshold t is mapped to `sigmoid(logit(t) / T)`, so exactly the same films are flagged. "
         f"{len(temps)} labels have a temperature (a label needs at least {MIN_EACH_CLASS} validation positives "
-        f"and {MIN_EACH_CLASS} negatives). ECE and Brier score before -> after, on the held-out test films:", "",
+        f"and {MIN_EACH_CLASS} negatives). ECE and Brier score before -> after, on the "
+        + ("held-out test films:" if held == "test" else
+           f"{held} films (the films the temperatures were fitted on: in-sample, optimistic for the 'after'):"), "",
         *rows, "",
         f"On {groups[0][1]}, {better} of {len(temps)} labels' ECE went down and {worse} went up: one temperature "
         "per label is fitted to the whole validation mix, so it can leave one kind of film worse calibrated "
@@ -268,7 +275,7 @@ def temperature_lines(scaling: dict[str, Any], calibration: Any, groups: list[tu
     ]
 
 
-def reference_lines(report: dict[str, Any] | None, calibration: Any) -> list[str]:
+def reference_lines(report: dict[str, Any] | None, calibration: Any, held: str = "test") -> list[str]:
     """Card lines on the probability scale: the reference population, each label's prevalence and prior
     shift, and (``report``: evaluate's ``reference_scale`` on the NIH test films) the mean probability on
     normal films and the reweighted ECE before -> after the shift."""
@@ -291,8 +298,8 @@ def reference_lines(report: dict[str, Any] | None, calibration: Any) -> list[str
              + (f" Not shifted (no reference prevalence): {', '.join(k for k in calibration.temperatures if k not in prev and k not in shifts)}."
                 if any(k not in prev for k in calibration.temperatures) else ""), ""]
     if report and report.get("labels"):
-        lines += [f"On the {report['n_films']} NIH test films: the mean probability on the normal (No Finding) films "
-                  "against the label's prevalence among NIH's adult films, and the ECE with the test films "
+        lines += [f"On the {report['n_films']} NIH {held} films: the mean probability on the normal (No Finding) films "
+                  f"against the label's prevalence among NIH's adult films, and the ECE with the {held} films "
                   "reweighted to that prevalence, before (temperature only) -> after the shift:", "",
                   "| label | NIH adult prevalence | shift b | mean p, normal films | ECE, reweighted |",
                   "|---|---|---|---|---|"]
@@ -309,8 +316,8 @@ def reference_lines(report: dict[str, Any] | None, calibration: Any) -> list[str
 def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False,
                         scaling: dict[str, Any] | None = None, calibration: Any = None,
                         groups: list[tuple[str, str]] | None = None,
-                        reference: dict[str, Any] | None = None) -> list[str]:
-    """Card lines on calibration: mean AUPRC, Brier score and ECE, a compact per-label table, and, for a
+                        reference: dict[str, Any] | None = None, held: str = "test") -> list[str]:
+    """Card lines on calibration (measured on the ``held`` films: test, or out-of-fold): mean AUPRC, Brier score and ECE, a compact per-label table, and, for a
     temperature-calibrated model (``scaling``: evaluate's ``temperature_scaling``), before/after figures.
 
     Empty when ``metrics`` predates these numbers (an older metrics.json), so such cards still render.
@@ -336,8 +343,8 @@ def calibration_section(metrics: dict[str, Any], group: str, plot: bool = False,
         + ("" if scaling else " The probabilities are not recalibrated."), "",
         *(["![Reliability diagram](reliability.png)", ""] if plot else []),
         "<details><summary>Per label</summary>", "", *rows, "", "</details>", "",
-        *(temperature_lines(scaling, calibration, groups or [("all", "all test films")]) if scaling else []),
-        *reference_lines(reference, calibration),
+        *(temperature_lines(scaling, calibration, groups or [("all", f"all {held} films")], held) if scaling else []),
+        *reference_lines(reference, calibration, held),
     ]
 
 
@@ -356,7 +363,7 @@ def provenance(config: dict[str, Any]) -> list[str]:
 def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], metrics: dict[str, Any],
                      headline_group: str, mixed_group: str | None = None,
                      extra_sections: dict[str, str] | None = None, repo_id: str | None = None,
-                     splits: dict[str, int] | None = None) -> Path:
+                     splits: dict[str, int] | None = None, cv: dict[str, Any] | None = None) -> Path:
     """Writes ``README.md`` in a checkpoint folder (``splits``: images per split, else the folder's
     ``splits.csv``).
 
@@ -369,6 +376,9 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         mixed_group: the group shown beside it (all NIH test films), with why the two differ.
         extra_sections: more Markdown sections, title -> body.
         repo_id: Hub repo id, for the usage snippet.
+        cv: all-data weights of a cross-validated recipe: ``{"folds": k, "command": ...}``; ``metrics`` are then
+            the pooled out-of-fold predictions of the recipe's folds (``chestxray cv``), the estimate for these
+            weights, which trained on every one of those films.
     """
     folder = Path(folder)
     meta = CkptMeta.from_config(config)
@@ -394,18 +404,55 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
     seen = [*train.sources, *metrics.get("sources", [])]  # the sources it was trained or tested on
     sites = [COLLECTIONS[c].title for c in collections(seen)]
     pretrained = bool(train.pretrained) and "ImageNet" in (train.initialised_from or "ImageNet")
+    folds = int((cv or {}).get("folds") or 0)
+    held = "out-of-fold" if folds else "test"
+    where = "out of fold" if folds else "test split"
+    group_name = GROUP_NAMES.get(headline_group, headline_group)
+    if folds:
+        results = [
+            f"## Cross-validated results ({folds}-fold, out of fold)", "",
+            f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on the "
+            f"{head.get('n_images')} films of {group_name}, each predicted by the model of the fold that held its "
+            f"patient out: {folds}-fold patient-wise cross-validation of this recipe, a fixed schedule, nothing "
+            "chosen on the held-out films (95% bootstrap CI, "
+            f"{metrics.get('bootstrap', {}).get('n_boot', '?')} resamples). **These weights were trained on every "
+            "labelled film of the shared data with the same recipe, so no shared film can test them**: the "
+            "cross-validated figures are the estimate of what they score on new films of the same kind (each fold "
+            f"model saw {folds - 1}/{folds} of the films these weights saw)."]
+    else:
+        results = [
+            "## Results on held-out patients", "",
+            f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on the "
+            f"{head.get('n_images')} test films of {group_name} (patients never "
+            f"seen in training or validation; 95% bootstrap CI, {metrics.get('bootstrap', {}).get('n_boot', '?')} "
+            "resamples)."]
+    thresholds_on = (f"thresholds chosen on these out-of-fold films by the {train.threshold_rule or 'youden'} rule, "
+                     "so the figures at the threshold are in-sample" if folds else
+                     f"thresholds chosen on validation by the {train.threshold_rule or 'youden'} rule")
+    if folds:
+        data_lines = [
+            f"- Sources: {', '.join(train.sources)}; trained on every labelled film ({split.get('train', '?')} "
+            "images after the source caps; `splits.csv` lists them): no validation or test split.",
+            f"- A fixed schedule of {train.epoch} epochs (the final epoch is the model); thresholds, temperatures "
+            f"and prior shifts fitted on the out-of-fold predictions of the recipe's {folds}-fold cross-validation "
+            f"(patient-wise, seed {train.seed}; balanced films for the thresholds: "
+            f"{', '.join(train.val_sources) if isinstance(train.val_sources, list) else 'all sources'})."]
+    else:
+        data_lines = [
+            f"- Sources: {', '.join(train.sources)} (see `splits.csv` for every image's split).",
+            f"- Split by patient (seed {train.seed}): {split.get('train', '?')} train / {split.get('val', '?')} val / "
+            f"{split.get('test', '?')} test images; no patient is in two splits.",
+            f"- Epoch and thresholds selected on the {n.get('val', '?')} validation images of: "
+            f"{', '.join(train.val_sources) if isinstance(train.val_sources, list) else 'all sources'}; "
+            f"best epoch {train.epoch} (validation mean AUROC {train.val_mean_auroc})."]
     lines = [
         f"# {name}: multi-label chest X-ray classifier ({config.get('architecture')})", "",
         f"> **{DISCLAIMER}**", "",
         f"A timm `{config.get('architecture')}` with one sigmoid output per label "
         f"({len(config.get('label_names', []))} labels: {', '.join(config.get('label_names', []))}).", "",
         *provenance(config), "",
-        "## Results on held-out patients", "",
-        f"Headline: **mean AUROC {_fmt(head.get('mean_auroc'))}{_ci(head.get('mean_auroc_ci'))}** on the "
-        f"{head.get('n_images')} test films of {GROUP_NAMES.get(headline_group, headline_group)} (patients never "
-        f"seen in training or validation; 95% bootstrap CI, {metrics.get('bootstrap', {}).get('n_boot', '?')} "
-        "resamples).",
-        *([f"On all {mixed.get('n_images')} NIH test films ({mixed_group}) it is "
+        *results,
+        *([f"On all {mixed.get('n_images')} NIH {held} films ({mixed_group}) it is "
            f"{_fmt(mixed.get('mean_auroc'))}{_ci(mixed.get('mean_auroc_ci'))}. The two differ in case mix: most "
            "of the mixed films are No Finding / Pneumonia, so for most findings the negatives there are normal "
            "films and a model that only tells normal from abnormal scores high; on the balanced films every "
@@ -414,16 +461,15 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         f"For scale: {CHEXNET}. These weights saw {n.get('train', '?')} training images"
         + (f", ~{round(98_000 / n['train'])}x fewer" if isinstance(n.get("train"), int) and n["train"] else "")
         + " (most of them without NIH finding labels): expect them to be far weaker.", "",
-        "### Per group (test split)", "", *per_source, "",
-        "*Findings flagged per normal film*: on test films labelled No Finding, the mean number of the other "
+        f"### Per group ({where})", "", *per_source, "",
+        f"*Findings flagged per normal film*: on {held} films labelled No Finding, the mean number of the other "
         "labels at or above their operating threshold (each one a false alarm).", "",
-        *(["### Per-label AUROC within each source (test split)", "",
-           "AUROC (95% CI); positives / negatives. *All sources* pools every test film; a source's column "
+        *([f"### Per-label AUROC within each source ({where})", "",
+           f"AUROC (95% CI); positives / negatives. *All sources* pools every {held} film; a source's column "
            "has a figure only where that source has both positives and negatives of the label.", "",
            within_source_table(metrics), "", confounding_statement(metrics), ""]
           if confounded_labels(metrics) else []),
-        f"### Per label ({headline_group}, test split; thresholds chosen on validation by the "
-        f"{train.threshold_rule or 'youden'} rule"
+        f"### Per label ({headline_group}, {where}; {thresholds_on}"
         + ("; shown on the temperature-calibrated scale, which flags the same films" if scaling else "") + ")",
         "", label_table(head), "",
         "![ROC curves](roc.png)", "", "![Confusion matrices](confusion.png)", "",
@@ -432,14 +478,10 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
                              plot=(folder / "reliability.png").is_file(), scaling=scaling,
                              calibration=meta.calibration, reference=metrics.get("reference_scale"),
                              groups=[(g, GROUP_NAMES.get(g, g)) for g in dict.fromkeys(
-                                 x for x in (headline_group, mixed_group) if x)] + [("all", "all test films")]),
+                                 x for x in (headline_group, mixed_group) if x)] + [("all", f"all {held} films")],
+                             held=held),
         "## Training data and split", "",
-        f"- Sources: {', '.join(train.sources)} (see `splits.csv` for every image's split).",
-        f"- Split by patient (seed {train.seed}): {split.get('train', '?')} train / {split.get('val', '?')} val / "
-        f"{split.get('test', '?')} test images; no patient is in two splits.",
-        f"- Epoch and thresholds selected on the {n.get('val', '?')} validation images of: "
-        f"{', '.join(train.val_sources) if isinstance(train.val_sources, list) else 'all sources'}; "
-        f"best epoch {train.epoch} (validation mean AUROC {train.val_mean_auroc}).",
+        *data_lines,
         *([partial] if (partial := partial_labels_line(metrics)) else []), "",
         "## Intended use", "",
         "A demonstration of multi-label chest X-ray classification with explanations, for researchers and "
@@ -490,7 +532,7 @@ def write_model_card(folder: str | Path, *, name: str, config: dict[str, Any], m
         lines += [f"## {title}", "", body.strip(), ""]
     lines += ["## Licence", "", *licence_lines(config, meta, metrics), "",
               "## Citation and data", "", " ".join(COLLECTIONS[c].citation for c in collections(seen)), ""]
-    front = card_data(name, meta, metrics, headline_group, mixed_group).to_yaml()
+    front = card_data(name, meta, metrics, headline_group, mixed_group, folds).to_yaml()
     card = ModelCard(f"---\n{front}\n---\n\n" + "\n".join(lines))  # parsing it back validates the model-index
     path = folder / "README.md"
     card.save(path)

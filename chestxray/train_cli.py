@@ -33,7 +33,8 @@ HELP = {
     "source_caps": "at most N training images of a source, e.g. kermany=500",
     "val_sources": "choose the epoch and thresholds on the validation images of these sources or cohorts only",
     "cohort_fracs": "larger held-out shares for a cohort, e.g. reproduce_chexnet=0.25:0.25 (val:test)",
-    "split": "patient (seeded, patient-wise) or lists (--train-list/--val-list/--test-list)",
+    "split": "patient (seeded, patient-wise), lists (--train-list/--val-list/--test-list) or all (every film "
+             "trains; with --select last, for a cross-validated recipe's all-data weights)",
     "train_list": "file of training image names (--split lists)",
     "val_list": "file of validation image names (--split lists)",
     "test_list": "file of test image names (--split lists)",

@@ -54,7 +54,9 @@ class TrainConfig:
     # Model selection + thresholds on the val images of these sources or cohorts (default: all).
     val_sources: list[str] = field(default_factory=list)
     cohort_fracs: list[str] = field(default_factory=list)  # e.g. ["reproduce_chexnet=0.25:0.25"] (val:test)
-    split: str = "patient"  # "patient" (seeded patient-wise) or "lists" (train/val/test lists below)
+    # "patient" (seeded patient-wise), "lists" (train/val/test lists below) or "all": every film trains, no
+    # validation or test split (the all-data weights of a cross-validated recipe, ``select: last``).
+    split: str = "patient"
     train_list: str | None = None
     val_list: str | None = None
     test_list: str | None = None
@@ -130,6 +132,8 @@ def build_manifest(cfg: TrainConfig, labels: list[str]):
     if cfg.folds:  # cross-validation: the cohorts given larger held-out shares are folded on their own
         df["fold"] = patient_folds(df, cfg.folds, seed=cfg.seed, cohorts=list(parse_cohort_fracs(cfg.cohort_fracs)))
         df["split"] = np.where(df["fold"] == cfg.fold, "val", "train").astype(object)
+    elif cfg.split == "all":  # the thresholds and the estimate come from the recipe's cross-validation
+        df["split"] = "train"
     elif cfg.split_from:
         # The teacher's val/test patients stay out of training; images it never had are split anew.
         known = splits_from_run(df, cfg.split_from)
@@ -205,6 +209,8 @@ class Trainer:
         self.labels = get_label_set(cfg.labels)
         if cfg.select not in ("best", "last"):
             raise ValueError(f"select must be best or last, got {cfg.select!r}")
+        if cfg.split == "all" and (cfg.select != "last" or cfg.folds):
+            raise ValueError("split all trains on every film: it needs select last (nothing to select on) and no folds")
         if cfg.folds and not 0 <= cfg.fold < cfg.folds:
             raise ValueError(f"fold {cfg.fold} is not among the {cfg.folds} folds (0..{cfg.folds - 1})")
         if cfg.device == "auto":
@@ -235,7 +241,7 @@ class Trainer:
         named = val["source"].isin(cfg.val_sources) | val["cohort"].isin(cfg.val_sources)
         if cfg.val_sources and named.any():
             val = val[named]
-        elif cfg.val_sources:
+        elif cfg.val_sources and len(val):
             log.warning("no validation film is of %s: every validation film selects", cfg.val_sources)
         self.sets["select"] = XrayDataset(self.cache, val, self.labels)
         self.pos_weight = pos_weights(self.sets["train"].df, self.labels, cfg.pos_weight_max)
@@ -314,6 +320,8 @@ class Trainer:
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(targets, probabilities) on a split, from the cached images."""
         self.model.eval()
+        if not len(self.sets[split]):  # split "all": no validation films (the thresholds come from cv)
+            return np.zeros((0, len(self.labels))), np.zeros((0, len(self.labels)))
         ys, ps = [], []
         for x, y in self.loader(split, False):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
@@ -347,8 +355,8 @@ class Trainer:
 
     def save_best(self, y: np.ndarray, p: np.ndarray, epoch: int, val_auc: float) -> Path:
         """Saves the checkpoint with per-label thresholds chosen on validation (``threshold_rule``)."""
-        thresholds = {}
-        for k, name in enumerate(self.labels):
+        thresholds = {}  # none without validation films: Predictor's 0.5 until a release sets the cv ones
+        for k, name in enumerate(self.labels if len(y) else []):
             thresholds[name] = round(float(choose_threshold(y[:, k], p[:, k], self.cfg.threshold_rule)), 6)
         training = Training(
             epoch=epoch, val_mean_auroc=round(val_auc, 4), threshold_rule=self.cfg.threshold_rule,
@@ -412,7 +420,7 @@ class Trainer:
             if self.rank == 0:
                 y, p = self.predict("select")  # e.g. NIH's balanced validation films only (val_sources)
                 val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)),
-                                                 torch.from_numpy(y)))
+                                                 torch.from_numpy(y))) if len(y) else math.nan
                 val_auc = mean_auroc(y, p)
                 if cfg.schedule == "plateau":
                     self.sched.step(val_auc if not math.isnan(val_auc) else 0.0)

@@ -2,8 +2,10 @@
 through the product path, pooled evaluation, resume fold by fold."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ from chestxray.evaluate import predict_paths
 from chestxray.labels import get_label_set
 from chestxray.metrics import mean_auroc
 from chestxray.predictor import Predictor
-from chestxray.training import TrainConfig
+from chestxray.training import TrainConfig, Trainer
 
 N_IMAGES = 60
 FOLDS = 3
@@ -121,3 +123,58 @@ def test_a_second_run_resumes_without_retraining(cv_run):
 def test_cv_command_rejects_a_fold_outside_the_folds(capsys):
     assert cv.main(["--folds", "3", "--only-fold", "3"]) == 2
     assert "--only-fold 3 is not among the 3 folds" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def all_data_run(cv_run):
+    """The cross-validated recipe trained once more on every film (split all), as the shipped weights are."""
+    cfg, _ = cv_run
+    from chestxray.training import train
+
+    acfg = dataclasses.replace(cfg, split="all", select="last", out=os.path.join(os.path.dirname(cfg.out), "all"))
+    train(acfg)
+    return acfg
+
+
+def test_all_data_run_trains_on_every_film_for_the_fixed_schedule(all_data_run, small_csv):
+    m = pd.read_csv(os.path.join(all_data_run.out, "manifest.csv"))
+    assert set(m["split"]) == {"train"} and len(m) == N_IMAGES
+    log = pd.read_csv(os.path.join(all_data_run.out, "log.csv"))
+    assert list(log["epoch"]) == list(range(1, all_data_run.epochs + 1)) and log["val_mean_auroc"].isna().all()
+    saved = json.loads(open(os.path.join(all_data_run.out, "best", "config.json")).read())["chestxray"]
+    assert saved["training"]["epoch"] == all_data_run.epochs and not saved["thresholds"]
+    with pytest.raises(ValueError, match="select last"):
+        Trainer(dataclasses.replace(all_data_run, select="best"))
+
+
+def test_release_from_cv_ships_the_cross_validated_figures_thresholds_and_calibration(cv_run, all_data_run,
+                                                                                       tmp_path, capsys):
+    from chestxray.ckpt_config import CkptMeta
+    from chestxray.cli import main as cli_main
+    from chestxray.release_cv import release_from_cv
+
+    cfg, summary = cv_run
+    dest = release_from_cv(all_data_run.out, cfg.out, "allfilms", dest_root=tmp_path, fit_gate=False)
+    meta = CkptMeta.read(dest)
+    assert meta.thresholds == pytest.approx(summary["thresholds"])
+    assert meta.calibration.temperatures == summary["temperatures"]
+    assert meta.metrics.split == "out-of-fold" and meta.metrics.extra["cross_validation"]["folds"] == FOLDS
+    assert meta.metrics.mean_auroc["reproduce_chexnet"] == pytest.approx(summary["mean_auroc"]["reproduce_chexnet"], abs=1e-4)
+    assert json.loads((dest / "metrics.json").read_text()) == json.loads(
+        open(os.path.join(cfg.out, "eval", "metrics.json")).read())
+    assert set(pd.read_csv(dest / "splits.csv")["split"]) == {"train"}
+    card = (dest / "README.md").read_text()
+    assert f"## Cross-validated results ({FOLDS}-fold, out of fold)" in card
+    assert "no shared film can test them" in card and "Results on held-out patients" not in card
+    # The shipped thresholds flag what the cross-validation's thresholds flag, on the reported scale.
+    pred = Predictor.load(str(dest), device="cpu")
+    assert pred.thresholds == pytest.approx(meta.calibrated_thresholds())
+    # A run of another recipe is refused, in one line, naming what differs.
+    other = os.path.join(os.path.dirname(all_data_run.out), "other")
+    shutil.copytree(all_data_run.out, other)
+    tc = json.loads(open(os.path.join(other, "train_config.json")).read())
+    tc["lr"] = tc["lr"] * 2
+    open(os.path.join(other, "train_config.json"), "w").write(json.dumps(tc))
+    assert cli_main(["release", other, "--cv", cfg.out, "--dest", str(tmp_path), "--no-gate"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "not the cross-validated recipe: lr" in err and len(err.splitlines()) == 1
