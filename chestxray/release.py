@@ -58,6 +58,22 @@ def _half_copy(src: Path, dst: Path) -> None:
     safetensors.torch.save_file(state, str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def stage_folder(best: Path, manifest: pd.DataFrame, dest: Path, half: bool = True) -> Path:
+    """A fresh ``<dest>.tmp`` with the run's ``config.json``, its weights (float16 with ``half``) and
+    ``splits.csv`` (every image's split, by file name, so ``evaluate --split test`` finds the card's films)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(best / CONFIG_FILE, tmp / CONFIG_FILE)
+    if half:
+        _half_copy(best, tmp)
+    else:
+        shutil.copy(best / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    pd.DataFrame({"image": manifest["path"].map(os.path.basename), "source": manifest["source"],
+                  "split": manifest["split"]}).to_csv(tmp / SPLITS_FILE, index=False)
+    return tmp
+
+
 def validation_films(val: pd.DataFrame, meta: CkptMeta, only_val_sources: bool = False) -> tuple[pd.DataFrame, str]:
     """The validation films a checkpoint's temperatures are fitted on, and how to say which.
 
@@ -171,18 +187,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     train_cfg = upgrade_run_config(json.loads((run / "train_config.json").read_text()))
     manifest = pd.read_csv(run / "manifest.csv")
     dest = Path(dest_root or weights_dir()) / name
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy(best / CONFIG_FILE, tmp / CONFIG_FILE)
-    if half:
-        _half_copy(best, tmp)
-    else:
-        shutil.copy(best / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
-    # Every image's split, by file name, so `evaluate --split test` reproduces the card's numbers.
-    splits = pd.DataFrame({"image": manifest["path"].map(os.path.basename), "source": manifest["source"],
-                           "split": manifest["split"]})
-    splits.to_csv(tmp / SPLITS_FILE, index=False)
+    tmp = stage_folder(best, manifest, dest, half)
 
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     val = manifest[manifest["split"] == "val"].reset_index(drop=True)

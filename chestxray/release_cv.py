@@ -75,7 +75,7 @@ def release_from_cv(run_dir: str | os.PathLike, cv_dir: str | os.PathLike, name:
     from chestxray.modelcard import write_model_card
     from chestxray.plots import plot_training_curves
     from chestxray.recipes import upgrade_run_config
-    from chestxray.release import _half_copy, release_metrics
+    from chestxray.release import release_metrics, stage_folder
     from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP, collection_of
 
     run, cv_dir = Path(run_dir), Path(cv_dir)
@@ -91,13 +91,7 @@ def release_from_cv(run_dir: str | os.PathLike, cv_dir: str | os.PathLike, name:
     data_root = data_root or train_cfg["data_root"]
     manifest = pd.read_csv(run / "manifest.csv")
     dest = Path(dest_root or weights_dir()) / name
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy(best / CONFIG_FILE, tmp / CONFIG_FILE)
-    _half_copy(best, tmp)
-    pd.DataFrame({"image": manifest["path"].map(os.path.basename), "source": manifest["source"],
-                  "split": manifest["split"]}).to_csv(tmp / "splits.csv", index=False)
+    tmp = stage_folder(best, manifest, dest)  # splits.csv: every film "train"
     for f in EVAL_FILES:  # the estimate: the pooled out-of-fold evaluation, as chestxray cv wrote it
         shutil.copy(cv_dir / "eval" / f, tmp / f)
     nih = manifest[manifest["source"].map(collection_of).eq("nih")]
