@@ -15,8 +15,19 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 #: What a shipped checkpoint needs at run time: weights, config (labels, thresholds, card data),
-#: the input gate, and the model card. Plots, predictions and splits stay in the checkout.
+#: the input gate, and the model card. Plots, predictions and splits stay in the checkout. An ensemble
+#: folder (chestxray/ensemble.py) has only the config and the card: its members hold the weights.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "gate.safetensors", "README.md")
+
+
+def _is_ensemble(folder: Path) -> bool:
+    """A folder whose config.json names ensemble members instead of carrying weights."""
+    import json
+
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("chestxray", {}).get("ensemble"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class BuildPyWithShipped(build_py):
@@ -31,7 +42,8 @@ class BuildPyWithShipped(build_py):
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ROOT / "models.yaml", dest / "models.yaml")
         for folder in sorted((ROOT / "weights").glob("*")):
-            if folder.name.startswith(".") or folder.suffix == ".tmp" or not (folder / "model.safetensors").is_file():
+            if folder.name.startswith(".") or folder.suffix == ".tmp" or not (
+                    (folder / "model.safetensors").is_file() or _is_ensemble(folder)):
                 continue
             (dest / "weights" / folder.name).mkdir(parents=True, exist_ok=True)
             for name in CHECKPOINT_FILES:

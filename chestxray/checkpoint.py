@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from chestxray.ckpt_config import KEY as META_KEY  # noqa: F401 (re-exported)
-from chestxray.ckpt_config import CkptMeta
+from chestxray.ckpt_config import CkptMeta, ensemble_of
 from chestxray.ckpt_config import read_config  # noqa: F401 (re-exported; torch-free, for the registry)
 from chestxray.hub import resolve
 from chestxray.labels import name_set
@@ -148,6 +148,9 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     cfg = read_config(folder)
+    if (ens := ensemble_of(cfg)) is not None:
+        raise CheckpointError(f"{folder.name} is an ensemble of {', '.join(ens.members)}, not one checkpoint: load "
+                              "it with chestxray.ensemble.load_model (the command line and the app do)")
     weights = _weights_file(folder)
     arch, labels = cfg["architecture"], list(cfg["label_names"])
     if arch not in ARCHS:

@@ -245,6 +245,47 @@ METHODS = ("temperature", "temperature+prior_shift")
 
 
 @dataclass
+class Ensemble:
+    """An ensemble folder's recipe: it holds no weights, it names its members (:mod:`chestxray.ensemble`).
+
+    The members are model names (``models.yaml`` entries, which are also their shipped folders' names).
+    The ensemble reports the mean of the members' calibrated probabilities and the mean of their Grad-CAMs
+    on one grid; its thresholds (``CkptMeta.thresholds``) are on that mean's scale, chosen on validation films
+    of every member, so nothing maps them.
+    """
+
+    members: list[str] = field(default_factory=list)
+    combine: str = "mean of calibrated probabilities"
+    cam: str = "mean of the members' Grad-CAMs on the finest member grid"
+    #: The member whose input gate checks the films (the first member unless said otherwise).
+    gate: str | None = None
+    #: The members' common input side in pixels (for cards; None when they differ).
+    img_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Ensemble | None":
+        """Reads the ``ensemble`` dict; None without a list of member names."""
+        d = _dict(d)
+        members = _str_list(d.get("members"))
+        if not members:
+            return None
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(members=members, combine=_str(d.get("combine")) or cls.combine, cam=_str(d.get("cam")) or cls.cam,
+                   gate=_str(d.get("gate")), img_size=_int(d.get("img_size")),
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (None and empty fields left out)."""
+        return _compact(self)
+
+    @property
+    def gate_member(self) -> str:
+        """The member whose input gate is used."""
+        return self.gate if self.gate in self.members else self.members[0]
+
+
+@dataclass
 class CkptMeta:
     """The whole ``chestxray`` block of a checkpoint's config.json."""
 
@@ -253,6 +294,8 @@ class CkptMeta:
     training: Training | None = None
     metrics: ReleaseMetrics | None = None
     calibration: Calibration | None = None
+    #: Set in an ensemble folder's config (no weights of its own): its members and how they are combined.
+    ensemble: Ensemble | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -269,8 +312,10 @@ class CkptMeta:
         return cls(label_set=_str(d.get("label_set")),
                    thresholds={str(k): float(v) for k, v in _dict(d.get("thresholds")).items() if is_num(v)},
                    training=training, metrics=metrics, calibration=Calibration.from_dict(d.get("calibration")),
+                   ensemble=Ensemble.from_dict(d.get("ensemble")),
                    extra={k: v for k, v in d.items()
-                          if k not in ("label_set", "thresholds", "training", "metrics", "calibration", *legacy)})
+                          if k not in ("label_set", "thresholds", "training", "metrics", "calibration", "ensemble",
+                                       *legacy)})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "CkptMeta":
@@ -291,6 +336,8 @@ class CkptMeta:
             out["metrics"] = self.metrics.to_dict()
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
+        if self.ensemble is not None:
+            out["ensemble"] = self.ensemble.to_dict()
         return {**out, **self.extra}
 
     @property
@@ -327,7 +374,7 @@ class CkptMeta:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """Reads and sanity-checks a checkpoint folder's config.json."""
+    """Reads and sanity-checks a checkpoint folder's config.json (an ensemble folder's needs only its labels)."""
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"no {CONFIG_FILE} in {folder}")
@@ -335,7 +382,26 @@ def read_config(folder: Path) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{CONFIG_FILE} in {folder.name} is not valid JSON") from None
-    for key in ("architecture", "label_names", "pretrained_cfg"):
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{CONFIG_FILE} in {folder.name} is not a JSON object")
+    # An ensemble has no weights, hence none of timm's fields: its members have them.
+    needed = ("label_names",) if ensemble_of(cfg) else ("architecture", "label_names", "pretrained_cfg")
+    for key in needed:
         if key not in cfg:
             raise CheckpointError(f"{CONFIG_FILE} in {folder.name} lacks {key!r}")
     return cfg
+
+
+def ensemble_of(config: Mapping[str, Any]) -> Ensemble | None:
+    """The ensemble recipe of a parsed config.json, or None for a checkpoint of one model."""
+    block = config.get(KEY) if isinstance(config, Mapping) else None
+    return Ensemble.from_dict(block.get("ensemble")) if isinstance(block, Mapping) else None
+
+
+def read_ensemble(folder: str | os.PathLike) -> Ensemble | None:
+    """The ensemble recipe in ``<folder>/config.json``; None when the folder holds one model or no readable config."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return ensemble_of(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None

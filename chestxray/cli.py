@@ -1,4 +1,4 @@
-"""Command line: ``chestxray {predict,evaluate,localize,train,cv,release,recard,publish,fit-gate} ...``.
+"""Command line: ``chestxray {predict,evaluate,localize,train,cv,release,recard,publish,fit-gate,ensemble} ...``.
 
 Installed as the ``chestxray`` console script; ``python -m chestxray`` is the same. User errors
 (unreadable images, unknown models, bad options) end with one ``error:`` line and a non-zero exit
@@ -71,7 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from chestxray.batch import CsvAppender, Prediction, Shard, merge_parts, predict_films, read_rows
-    from chestxray.predictor import Predictor
+    from chestxray.ensemble import load_model
 
     shard = Shard.from_env()
     if (args.resume or shard.world > 1) and not args.out:
@@ -79,7 +79,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     cores = shard.cores()
     workers = max(0, cores - 1) if args.workers is None else args.workers  # the model needs one core at least
-    predictor = Predictor.load(args.model or default_model(), device=shard.device())
+    predictor = load_model(args.model or default_model(), device=shard.device())  # an ensemble folder too
+    predictor.preprocess  # noqa: B018 - an ensemble whose members prepare films differently stops here, in one line
     cpu = predictor.device.type == "cpu"
     # On a CPU, one lane a core (the lanes and the decoding workers share the cores, and whichever is ahead
     # waits); a GPU needs one thread to feed it.
@@ -178,10 +179,10 @@ def cmd_localize(args: argparse.Namespace) -> int:
     """Pointing game: does the finding's Grad-CAM maximum fall in the radiologists' box?"""
     import json
 
+    from chestxray.ensemble import load_model
     from chestxray.localization import held_out_pointing_game
-    from chestxray.predictor import Predictor
 
-    result = held_out_pointing_game(Predictor.load(args.model or default_model()), args.data_root)
+    result = held_out_pointing_game(load_model(args.model or default_model()), args.data_root)
     films = "held-out films" if result["held_out"] else "films (no splits.csv: training films included)"
     if not result["n_pairs"]:
         print(f"no boxed {films} of this model's labels in {result['folder']}")
@@ -228,6 +229,19 @@ def cmd_recard(args: argparse.Namespace) -> int:
                      localize=not args.no_localize, calibrate=not args.no_calibrate, tolerance=args.tolerance,
                      card_only=args.card_only)
         print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Builds an ensemble folder (config, thresholds, measured figures beside each member's, plots, card)."""
+    from chestxray.ensemble_release import build_ensemble
+
+    if sys.stderr.isatty() or args.verbose:
+        logging.getLogger("chestxray").setLevel(logging.INFO)
+    dest = build_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root, n_boot=args.n_boot,
+                          localize=not args.no_localize, timing_runs=args.timing_runs,
+                          timing_threads=args.timing_threads, reuse=not args.forward_all, progress=True)
+    print(f"built {dest}")
     return 0
 
 
@@ -404,6 +418,26 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     fg.add_argument("--seed", type=int, default=0, help="random seed of the film sampling (default 0)")
     fg.set_defaults(func=cmd_fit_gate)
+
+    en = command("ensemble", "build an ensemble folder: the members' calibrated probabilities and Grad-CAMs "
+                             "averaged, thresholds chosen on every member's validation films, figures on every "
+                             "member's test films",
+                 "chestxray ensemble --name ensemble_nih14 --members efficientnet_b0 efficientnet_b2 resnet18 "
+                 "mobilenetv2_100 swin_tiny_patch4_window7_224")
+    en.add_argument("--members", nargs="+", required=True, metavar="MODEL",
+                    help="model names (models.yaml entries or shipped folders); the first one's input gate is used")
+    en.add_argument("--name", required=True, help="the folder's name under the weights folder (and in models.yaml)")
+    en.add_argument("--dest", help="destination root (default: the weights folder, see the README)")
+    en.add_argument("--data-root", default=default_data_root(), help=data_help)
+    en.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
+    en.add_argument("--no-localize", action="store_true", help="skip the pointing game")
+    en.add_argument("--timing-runs", type=int, default=15, help="runs of the CPU cost per film (default 15; 0: skip)")
+    en.add_argument("--timing-threads", type=int, nargs="+", default=[1],
+                    help="torch threads the CPU cost is measured with (default 1, as the app runs a request)")
+    en.add_argument("--forward-all", action="store_true",
+                    help="run every test film through the members instead of taking their predictions.csv (checked "
+                         "against a fresh forward of a few films)")
+    en.set_defaults(func=cmd_ensemble)
     return p
 
 

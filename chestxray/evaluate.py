@@ -72,6 +72,21 @@ def select_split(df: pd.DataFrame, splits_csv: str | os.PathLike, split: str) ->
     return out
 
 
+def split_films(predictor, df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of ``df`` in ``split`` of every ``splits.csv`` the predictor names (:attr:`Predictor.split_files
+    <chestxray.predictor.Predictor.split_files>`: its own; for an ensemble, each member's), so an ensemble's test
+    films are the films that are test films of every member."""
+    df = df.reset_index(drop=True)
+    keep = np.ones(len(df), dtype=bool)
+    for path in predictor.split_files:
+        if not path.is_file():
+            raise ValueError(f"--split needs {SPLITS_FILE} in the checkpoint folder {path.parent}")
+        keep &= df.index.isin(select_split(df, path, split).index)
+    if not keep.any():
+        raise ValueError(f"no image of these sources is in the {split!r} split of every member of {predictor.name}")
+    return df[keep]
+
+
 def source_sites(df: pd.DataFrame) -> dict[str, str]:
     """``{source: site}``, the site being the patient namespace (``"nih:100"`` -> ``"nih"``).
 
@@ -115,7 +130,10 @@ def evaluate_manifest(predictor: Predictor, df: pd.DataFrame, out_dir: str | os.
             df = df.assign(**{k: np.nan})
     raw, errors = None, None
     if probs is None and logits is None:  # the reader's own one-line errors are kept for unreadable files
-        logits, errors = predict_paths(predictor, list(df["path"]), progress=progress, logits=True)
+        if hasattr(predictor, "predict_logits"):
+            logits, errors = predict_paths(predictor, list(df["path"]), progress=progress, logits=True)
+        else:  # an ensemble (chestxray.ensemble): the mean of its members' calibrated probabilities, no logit
+            probs, errors = predict_paths(predictor, list(df["path"]), progress=progress)
     if probs is None:
         z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
         probs, raw = predictor.probabilities(z).numpy(), torch.sigmoid(z).numpy()
@@ -210,17 +228,19 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
     """The ``evaluate`` command: a label CSV + image folder, or shared-data sources by name.
 
     Args:
-        model: model reference (shipped name, folder, ``hf-hub:``).
+        model: model reference (shipped name, folder, ``hf-hub:``; an ensemble folder too).
         out_dir: where metrics.json and the plots go.
         labels_csv, images: a label file (NIH layout or one 0/1/blank column per label) and its folder.
         sources: shared-data source names (see :data:`chestxray.sources.SOURCES`) instead.
-        split: keep only the images the checkpoint's ``splits.csv`` puts in this split (e.g. "test").
+        split: keep only the images the checkpoint's ``splits.csv`` puts in this split (e.g. "test"; for an
+            ensemble, the images every member's ``splits.csv`` puts there).
         localize: also play the pointing game on the boxed NIH films of ``data_root`` outside the model's
             training split (:func:`chestxray.localization.held_out_pointing_game`), when the box files are there.
     """
     from chestxray.data import load_sources, read_manifest
+    from chestxray.ensemble import load_model
 
-    predictor = Predictor.load(model)
+    predictor = load_model(model)
     data_root = data_root or default_data_root()
     if labels_csv:
         df = read_manifest(labels_csv, images or Path(labels_csv).parent, predictor.labels,
@@ -230,10 +250,7 @@ def evaluate(model: str, out_dir: str | os.PathLike, *, labels_csv: str | None =
     else:
         raise ValueError("give --labels (and --images) or --source")
     if split:
-        splits = predictor.ckpt.path / SPLITS_FILE
-        if not splits.is_file():
-            raise ValueError(f"--split needs {SPLITS_FILE} in the checkpoint folder {predictor.ckpt.path}")
-        df = select_split(df, splits, split)
+        df = split_films(predictor, df, split)
     if df.empty:
         raise ValueError("no labelled images found")
     loc = None

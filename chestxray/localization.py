@@ -135,16 +135,16 @@ def held_out_pointing_game(predictor: Predictor, data_root: str | os.PathLike,
                            folder: str = "nih/images_384") -> dict[str, Any]:
     """:func:`pointing_game` on the boxed films outside the checkpoint's training split.
 
-    The training split comes from the checkpoint's ``splits.csv``; without one every boxed film
-    counts and the result says so (``held_out: false``).
+    The training split comes from the checkpoint's ``splits.csv`` (an ensemble's members' together); without
+    one every boxed film counts and the result says so (``held_out: false``).
     """
-    splits = Path(predictor.ckpt.path) / "splits.csv"
+    files = predictor.split_files  # an ensemble's: each member's (a film any member trained on is left out)
     exclude: set[str] = set()
-    if splits.is_file():
+    for splits in filter(Path.is_file, files):
         s = pd.read_csv(splits)
-        exclude = set(s.loc[s["split"] == "train", "image"])
+        exclude |= set(s.loc[s["split"] == "train", "image"])
     result = pointing_game(predictor, load_boxes(data_root), Path(data_root) / folder, exclude=exclude)
-    result["held_out"] = splits.is_file()
+    result["held_out"] = all(p.is_file() for p in files)
     result["folder"] = folder
     return result
 

@@ -209,6 +209,12 @@ class Predictor:
         return self.ckpt.arch
 
     @property
+    def split_files(self) -> list[Path]:
+        """The ``splits.csv`` that says which films trained, selected and tested these weights (an ensemble
+        has one per member: a film is held out from it only when it is held out from every member)."""
+        return [Path(self.ckpt.path) / "splits.csv"]
+
+    @property
     def classifier_weight(self) -> torch.Tensor:
         """The classifier's weight matrix (K x C): the all-label CAM weights; it also ties a gate to this model."""
         return self._weight

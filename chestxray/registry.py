@@ -10,6 +10,9 @@ predicting with random weights.
 Only pinned Hub references (``hf-hub:org/name@<40-hex commit>``, as ``chestxray publish`` prints them)
 are followed: an unpinned one would let the newest upload silently replace the reviewed weights, so
 it is ignored with one log line and the shipped folder is used.
+
+An *ensemble* folder (``config.json`` naming its members, no weights: :mod:`chestxray.ensemble`) is available
+when its members are; it is built from the registry's own loaded members, so no model is held twice.
 """
 from __future__ import annotations
 
@@ -23,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from chestxray import hub
-from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num, read_config
+from chestxray.ckpt_config import ALL, CkptMeta, ReleaseMetrics, Training, is_num, read_config, read_ensemble
 from chestxray.layout import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, weights_dir
 from chestxray.layout import MODELS_ENV, models_file  # noqa: F401 (MODELS_ENV re-exported)
 from chestxray.sources import GROUP_NAMES
 
 if TYPE_CHECKING:  # torch is imported on the first load, not with the registry
+    from chestxray.ensemble import EnsemblePredictor
     from chestxray.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ class ModelRegistry:
     def __init__(self, entries: list[ModelEntry], default: str | None = None):
         self.entries = {e.name: e for e in entries}
         self._default = default
-        self._cache: dict[str, Predictor] = {}
+        self._cache: dict[str, Predictor | EnsemblePredictor] = {}
         self._locks = {name: threading.Lock() for name in self.entries}
 
     @classmethod
@@ -74,7 +78,19 @@ class ModelRegistry:
     # -- what is installed -----------------------------------------------------------------------
     def _shipped(self, entry: ModelEntry) -> bool:
         folder = weights_dir() / (entry.local or entry.name)
-        return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+        return (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or bool(self._members(entry)))
+
+    def _members(self, entry: ModelEntry) -> list[str] | None:
+        """The members an entry's shipped folder names when it is an ensemble; None for a model of its own."""
+        folder = weights_dir() / (entry.local or entry.name)
+        spec = None if (folder / WEIGHTS_FILE).is_file() else read_ensemble(folder)
+        return spec.members if spec else None
+
+    def missing_members(self, name: str) -> list[str]:
+        """The members of ensemble ``name`` that are not available (why it is not offered); [] otherwise."""
+        members = self._members(self._entry(name)) or []
+        return [m for m in members if m not in self.entries or m == name or self._members(self.entries[m])
+                or not self._installed(self.entries[m])]
 
     @staticmethod
     def _in_hf_cache(ref: str | None) -> bool:
@@ -89,9 +105,13 @@ class ModelRegistry:
         except Exception:  # noqa: BLE001 - a malformed repo id is simply not cached
             return False
 
+    def _installed(self, entry: ModelEntry) -> bool:
+        return entry.name in self._cache or self._shipped(entry) or self._in_hf_cache(entry.hub)
+
     def available(self) -> list[str]:
-        """Names (yaml order) whose shipped folder exists or whose Hub repo is cached."""
-        return [n for n, e in self.entries.items() if n in self._cache or self._shipped(e) or self._in_hf_cache(e.hub)]
+        """Names (yaml order) whose shipped folder exists or whose Hub repo is cached; an ensemble when all its
+        members are available (members are models of their own: an ensemble of ensembles is not offered)."""
+        return [n for n, e in self.entries.items() if self._installed(e) and not self.missing_members(n)]
 
     def default(self) -> str | None:
         """The yaml's default if available, else the first available model, else None."""
@@ -135,8 +155,20 @@ class ModelRegistry:
                 from chestxray.checkpoint import load_folder
                 from chestxray.predictor import Predictor
 
-                self._cache[name] = Predictor(load_folder(self.folder(name)))
+                folder = self.folder(name)
+                ens = None if (folder / WEIGHTS_FILE).is_file() else read_ensemble(folder)
+                self._cache[name] = (Predictor(load_folder(folder)) if ens is None else
+                                     self._ensemble(name, folder, ens.members))
             return self._cache[name]
+
+    def _ensemble(self, name: str, folder: Path, members: list[str]) -> EnsemblePredictor:
+        """Ensemble ``name`` over the registry's own members (loaded here when they are not yet)."""
+        from chestxray.ensemble import EnsemblePredictor
+
+        if missing := self.missing_members(name):
+            raise CheckpointError(f"ensemble {name!r} needs {', '.join(missing)}, which "
+                                  f"{'is' if len(missing) == 1 else 'are'} not installed")
+        return EnsemblePredictor.from_folder(folder, [self.get(m) for m in members])
 
     def loaded(self) -> list[str]:
         """Names of the models loaded so far."""
@@ -161,6 +193,9 @@ class ModelRegistry:
             "thresholds": meta.calibrated_thresholds(),
             "source": self.entries[name].hub if folder.parent != weights_dir() else f"weights/{folder.name}",
         }
+        if (ens := meta.ensemble) is not None:  # no weights of its own: its members' (their cards say which)
+            card.update(arch=f"ensemble: {ens.combine} of {', '.join(ens.members)}", img_size=ens.img_size,
+                        source=" + ".join(ens.members), ensemble=ens.to_dict())
         for key in ("sources", "n_images", "split", "epoch", "threshold_rule", "pretrained", "val_sources",
                     "initialised_from", "taught_by"):
             if getattr(training, key) not in (None, [], {}):
@@ -173,6 +208,9 @@ class ModelRegistry:
             card["calibration"] = {"method": meta.calibration.method, "temperatures": meta.temperatures,
                                    "fitted_on": meta.calibration.fitted_on, "n_films": meta.calibration.n_films,
                                    "reference": meta.reference, "n_shifts": len(meta.shifts)}
+        elif ens is not None:  # what calibrates an ensemble's probabilities: each member's own calibration
+            cards = [] if self.missing_members(name) else [self.card(m) for m in ens.members]
+            card.update({"calibration": cal} if (cal := _members_calibration(cards, ens.combine)) else {})
         return card
 
 
@@ -185,6 +223,19 @@ def _warn_unpinned(ref: str, local: str) -> None:
         _WARNED.add(ref)
         log.warning("models.yaml: %s is not pinned to a commit (write hf-hub:org/name@<commit>, as `chestxray "
                     "publish` prints it): not following it; using shipped weights/%s", ref, local)
+
+
+def _members_calibration(cards: list[dict[str, Any]], combine: str) -> dict[str, Any] | None:
+    """An ensemble card's ``calibration``: its members' temperatures (one list per label) and their common
+    reference population; None unless every member is calibrated."""
+    cals = [c.get("calibration") for c in cards]
+    if not cals or not all(cals):
+        return None
+    refs = {c.get("reference") for c in cals}
+    labels = list(dict.fromkeys(k for c in cals for k in c["temperatures"]))
+    return {"method": f"each member's own, then the {combine}", "fitted_on": "each member's validation split",
+            "temperatures": {k: [c["temperatures"].get(k) for c in cals] for k in labels}, "n_films": None,
+            "reference": refs.pop() if len(refs) == 1 else None, "n_shifts": min(c.get("n_shifts", 0) for c in cals)}
 
 
 def _metrics_summary(m: ReleaseMetrics) -> dict[str, Any]:

@@ -470,7 +470,9 @@ def mark_default(models_yaml: str | os.PathLike, dest_root: str | os.PathLike | 
     import re
 
     root = Path(dest_root or weights_dir())
-    rows = [summary_row(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file() and p.suffix != ".tmp"]
+    # models of their own only: an ensemble folder (config, no weights) has no validation figure to compete with
+    rows = [summary_row(p) for p in sorted(root.iterdir())
+            if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file() and p.suffix != ".tmp"]
     rows = [r for r in rows if r["val_mean_auroc"] is not None and r["label_set"] in (label_set, None)]
     # Only a selection on balanced validation films is a fair comparison; older models chosen on
     # a mixed validation set compete only when no model was selected the fair way.

@@ -156,6 +156,10 @@ def test_mark_default_compares_balanced_validation_within_one_label_set(tmp_path
     ship("fair_best", 0.63, ["reproduce_chexnet"])
     ship("mixed", 0.75, ["nih384", "nih64"])
     ship("six_labels", 0.90, [], label_set="six")
+    ensemble = tmp_path / "weights" / "ensemble"  # a config naming members, no weights: not a competitor
+    ensemble.mkdir()
+    (ensemble / "config.json").write_text(json.dumps(
+        {"label_names": ["a"], "chestxray": {"label_set": "nih14", "ensemble": {"members": ["fair_low", "fair_best"]}}}))
     models = tmp_path / "models.yaml"
     models.write_text("default: mixed\nmodels: []\n")
     assert mark_default(models, tmp_path / "weights") == "fair_best"

@@ -16,10 +16,10 @@ PKG = Path(__file__).resolve().parents[1] / "chestxray"
 
 RUNTIME = {"__init__", "imaging", "labels", "transforms", "models", "cam", "cam_methods", "boxes", "layout", "ckpt_config",
            "checkpoint", "hub", "windowing", "report", "predictor", "gate", "registry", "pretrained",
-           "sources", "serve"}
+           "sources", "serve", "ensemble"}
 OFFLINE = {"__main__", "data", "cache", "training", "evaluate", "release", "modelcard", "metrics", "calibration",
            "plots", "gate_fit", "distill", "localization", "cli", "train_cli", "recipes", "cv", "prevalence", "batch",
-           "release_cv", "card_calibration"}
+           "ensemble_release", "ensemble_card", "release_cv", "card_calibration"}
 
 
 def _files() -> dict[str, ast.Module]:

@@ -108,7 +108,13 @@ def caption(analysis: Analysis, label: str, method: str, scale: str = "minmax") 
 def card_markdown(card: dict) -> str:
     """The model card panel: architecture, training data, validation AUROC, thresholds."""
     c = card
-    lines = [f"**{c['name']}**: `{c.get('arch')}`, {c.get('img_size')} px input, weights from `{c.get('source')}`."]
+    ens = c.get("ensemble")
+    if ens:  # no weights, no temperatures of its own: its members have them (chestxray/ensemble.py)
+        size = f", {c['img_size']} px input" if c.get("img_size") else ""
+        lines = [f"**{c['name']}**: an ensemble of {', '.join(map(str, ens.get('members', [])))}{size}; no weights "
+                 f"of its own: it shows the {ens.get('combine', 'mean')} and the {ens.get('cam', 'mean Grad-CAM')}."]
+    else:
+        lines = [f"**{c['name']}**: `{c.get('arch')}`, {c.get('img_size')} px input, weights from `{c.get('source')}`."]
     data = []
     if c.get("sources"):
         data.append("sources " + ", ".join(map(str, c["sources"])))
@@ -137,7 +143,13 @@ def card_markdown(card: dict) -> str:
         lines.append(f"Validation mean AUROC{on}: {c['val_mean_auroc']:.3f}"
                      f"{ci_text(c.get('val_mean_auroc_ci'))}.")
     cal = c.get("calibration")
-    if cal:
+    if ens:
+        ref = f", then shifted to **{cal['reference']}**" if cal and cal.get("reference") else ""
+        lines.append(("Each member's probabilities are temperature-calibrated on its own validation split" + ref
+                      if cal else "The members' probabilities are averaged as each member reports them")
+                     + "; the mean is not rescaled, and the ensemble's thresholds were chosen on the mean's own scale "
+                       "(validation films of every member), so nothing maps them.")
+    elif cal:
         on = (f" ({cal['n_films']} films of the {cal['fitted_on']})" if cal.get("fitted_on") and cal.get("n_films")
               else "")
         lines.append(f"Probabilities are **temperature-calibrated on validation**{on}: each label's logit is divided "
