@@ -1,4 +1,4 @@
-"""Command line: ``chestxray {predict,evaluate,localize,train,cv,release,recard,publish,fit-gate,ensemble} ...``.
+"""Command line: ``chestxray {predict,evaluate,localize,train,cv,release,recard,publish,fit-gate,ensemble,compare} ...``.
 
 Installed as the ``chestxray`` console script; ``python -m chestxray`` is the same. User errors
 (unreadable images, unknown models, bad options) end with one ``error:`` line and a non-zero exit
@@ -245,6 +245,21 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Two predictions.csv files on their common films: both mean AUROCs and the paired difference."""
+    from chestxray.compare import compare_predictions
+
+    r = compare_predictions(args.a, args.b, args.data_root, source=args.source, cohort=args.cohort,
+                            split_of=args.split_of, n_boot=args.n_boot)
+    films = " ".join(x for x in (r["source"], r["cohort"] or "", f"films in {r['split_of']}" if r["split_of"] else "")
+                     if x)
+    print(f"{r['n_films']} common films ({films}), mean AUROC over {len(r['labels'])} labels")
+    print(f"A {args.a}: {r['a']:.3f}\nB {args.b}: {r['b']:.3f}")
+    print(f"B - A: {r['difference']:+.3f} (paired bootstrap 95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}, "
+          f"{args.n_boot} resamples; B higher in {100 * r['p_b_better']:.0f}% of them)")
+    return 0
+
+
 def cmd_fit_gate(args: argparse.Namespace) -> int:
     """Fits the input gate of a checkpoint folder on the shared chest X-rays and prints its rates."""
     import torch
@@ -438,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every test film through the members instead of taking their predictions.csv (checked "
                          "against a fresh forward of a few films)")
     en.set_defaults(func=cmd_ensemble)
+
+    cp = command("compare", "two models' predictions.csv on their common films: each mean AUROC and the paired "
+                            "bootstrap CI of the difference",
+                 "chestxray compare weights/efficientnet_b0/predictions.csv weights/efficientnet_lite0/predictions.csv "
+                 "--cohort reproduce_chexnet --split-of weights/efficientnet_b0:test")
+    cp.add_argument("a", help="the reference predictions.csv (the difference is B - A)")
+    cp.add_argument("b", help="the other predictions.csv")
+    cp.add_argument("--source", default="nih384", help="the source whose films are compared (default nih384)")
+    cp.add_argument("--cohort", default=None, help="only this cohort's films (e.g. reproduce_chexnet)")
+    cp.add_argument("--split-of", default=None, metavar="FOLDER:SPLIT",
+                    help="only the films in SPLIT of FOLDER/splits.csv (e.g. weights/efficientnet_b0:test)")
+    cp.add_argument("--data-root", default=default_data_root(), help=data_help)
+    cp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

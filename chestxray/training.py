@@ -359,7 +359,8 @@ class Trainer:
         for k, name in enumerate(self.labels if len(y) else []):
             thresholds[name] = round(float(choose_threshold(y[:, k], p[:, k], self.cfg.threshold_rule)), 6)
         training = Training(
-            epoch=epoch, val_mean_auroc=round(val_auc, 4), threshold_rule=self.cfg.threshold_rule,
+            epoch=epoch, val_mean_auroc=None if math.isnan(val_auc) else round(val_auc, 4),  # split all: no val
+            threshold_rule=self.cfg.threshold_rule,
             sources=sorted(self.df["source"].unique().tolist()), val_sources=list(self.cfg.val_sources) or "all",
             split=self.cfg.split, seed=self.cfg.seed, n_images={s: len(d) for s, d in self.sets.items()},
             pretrained=self.cfg.pretrained, img_size=self.cfg.img_size,
@@ -426,11 +427,11 @@ class Trainer:
                     self.sched.step(val_auc if not math.isnan(val_auc) else 0.0)
                 improved = not math.isnan(val_auc) and val_auc > best
                 if cfg.select == "last":  # a fixed schedule: the final epoch is the model, whatever validation says
-                    self.save_best(y, p, epoch + 1, val_auc if not math.isnan(val_auc) else 0.0)
+                    self.save_best(y, p, epoch + 1, val_auc)
                     best, bad = (val_auc if improved else best), 0
                 elif improved or best < 0:
                     best, bad = (val_auc if not math.isnan(val_auc) else best), 0
-                    self.save_best(y, p, epoch + 1, val_auc if not math.isnan(val_auc) else 0.0)
+                    self.save_best(y, p, epoch + 1, val_auc)
                 else:
                     bad += 1
                 row = {"epoch": epoch + 1, "train_loss": round(total / max(n, 1), 5), "val_loss": round(val_loss, 5),

@@ -112,7 +112,7 @@ def test_every_command_and_option_is_explained():
     parser = build_parser()
     commands = _subparsers(parser)
     assert set(commands) == {"predict", "evaluate", "localize", "train", "cv", "release", "publish", "fit-gate",
-                             "recard", "ensemble"}
+                             "recard", "ensemble", "compare"}
     for name, sub in {**commands, "train (flags)": train_parser(), "cv (flags)": cv_parser()}.items():
         assert sub.epilog and "example" in sub.epilog and "chestxray" in sub.epilog, name
         for action in sub._actions:

@@ -1,0 +1,46 @@
+"""``chestxray compare``: two shipped models' predictions on their common films, paired (chestxray/compare.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chestxray.ckpt_config import CkptMeta
+from chestxray.cli import main
+from chestxray.compare import compare_predictions, paired_difference
+from tests.conftest import REPO
+
+B0, LITE0 = REPO / "weights/efficientnet_b0", REPO / "weights/efficientnet_lite0"
+
+
+def test_paired_difference_of_a_model_with_itself_and_with_the_truth():
+    rng = np.random.default_rng(0)
+    Y = (rng.random((60, 3)) < 0.3).astype(float)
+    Y[:5, 2] = np.nan  # unknown labels are left out, as evaluation leaves them out
+    P = rng.random((60, 3))
+    same = paired_difference(Y, P, P, n_boot=50)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["p_b_better"] == 0
+    truth = paired_difference(Y, P, np.nan_to_num(Y) + 0.01 * rng.random((60, 3)), n_boot=50)
+    assert truth["b"] == pytest.approx(1.0) and truth["a"] < 0.75 and truth["ci"][0] > 0 and truth["p_b_better"] == 1
+    with pytest.raises(ValueError, match="equal N x K"):
+        paired_difference(Y, P, P[:10])
+
+
+def test_shipped_out_of_fold_predictions_against_b0_on_b0s_balanced_test_films(data_dir):
+    """The README's comparison: A's figure on these films is b0's own card headline, reproduced."""
+    r = compare_predictions(B0 / "predictions.csv", LITE0 / "predictions.csv", data_dir, cohort="reproduce_chexnet",
+                            split_of=f"{B0}:test", n_boot=100)
+    card = CkptMeta.read(B0).metrics
+    assert r["n_films"] == 82 and len(r["labels"]) == 15
+    assert r["a"] == pytest.approx(card.mean_auroc[card.headline_group], abs=2e-3)  # probabilities kept to 5 decimals
+    assert r["ci"][0] < r["difference"] < r["ci"][1] and 0 <= r["p_b_better"] <= 1
+
+
+def test_cli_prints_both_and_the_difference_or_one_error_line(data_dir, capsys):
+    args = ["compare", str(B0 / "predictions.csv"), str(LITE0 / "predictions.csv"), "--cohort", "reproduce_chexnet",
+            "--data-root", str(data_dir), "--n-boot", "20"]
+    assert main([*args, "--split-of", f"{B0}:test"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("82 common films") and "B - A:" in out and "paired bootstrap 95% CI" in out
+    assert main([*args, "--split-of", "test"]) == 2  # no folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FOLDER:SPLIT" in err[0]
