@@ -1,7 +1,7 @@
 """Two models' predictions on the same films, compared paired: ``chestxray compare``.
 
 Two ``predictions.csv`` files (what ``evaluate``, ``release`` and ``cv`` write: ``image``, ``source``,
-``cohort`` and one probability column per label) are scored on the films they share, optionally only one
+``cohort`` and one probability column per label; a fold's ``oof.csv`` reads too, by its logits, which rank the films as the probabilities do) are scored on the films they share, optionally only one
 cohort's films (e.g. NIH's label-balanced ``reproduce_chexnet`` films) and only the films of one split of a
 checkpoint's ``splits.csv`` (e.g. the test films of one model, which the other's out-of-fold predictions
 also never trained on). The difference of the two mean AUROCs gets a *paired* bootstrap CI: each replicate
@@ -21,8 +21,8 @@ import pandas as pd
 from chestxray.data import load_sources
 from chestxray.metrics import auroc
 
-#: The columns of a predictions.csv that are not labels.
-KEYS = ("image", "source", "cohort")
+#: The columns of a predictions.csv (or a fold's oof.csv) that are not labels' probabilities.
+KEYS = ("image", "source", "cohort", "patient", "fold")
 
 
 def _mean_auroc(Y: np.ndarray, P: np.ndarray) -> float:
@@ -60,6 +60,10 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
     df = pd.read_csv(path)
     if missing := [k for k in KEYS[:2] if k not in df.columns]:
         raise ValueError(f"{path} is not a predictions.csv: it lacks {', '.join(missing)}")
+    df["image"] = df["image"].map(lambda x: Path(str(x)).name)  # oof.csv keeps the path under the data root
+    logits = {c[len("logit:"):]: c for c in df.columns if c.startswith("logit:")}
+    if logits:  # a fold's oof.csv: the label columns are the film's labels, the logits are the model's scores
+        df = df.drop(columns=[k for k in logits if k in df.columns]).rename(columns={v: k for k, v in logits.items()})
     return df.drop_duplicates(["source", "image"]).set_index(["source", "image"])
 
 

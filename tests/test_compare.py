@@ -44,3 +44,22 @@ def test_cli_prints_both_and_the_difference_or_one_error_line(data_dir, capsys):
     assert main([*args, "--split-of", "test"]) == 2  # no folder
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "FOLDER:SPLIT" in err[0]
+
+
+def test_a_folds_oof_csv_is_read_by_its_logits(data_dir, tmp_path):
+    """oof.csv (chestxray cv) holds the films' labels under the label names and the scores as ``logit:``
+    columns, with the image's path under the data root: it must compare as its probabilities would."""
+    import pandas as pd
+
+    pred = pd.read_csv(B0 / "predictions.csv")
+    labels = [c for c in pred.columns if c not in ("image", "source", "cohort")]
+    p = pred[labels].clip(1e-6, 1 - 1e-6)
+    oof = pred[["image", "source", "cohort"]].assign(image="nih/images_384/" + pred["image"], fold=0)
+    oof = pd.concat([oof, (p > 0.5).astype(float),  # stand-in label columns: ignored, the truth is the data's
+                     np.log(p / (1 - p)).add_prefix("logit:")], axis=1)
+    oof.to_csv(tmp_path / "oof.csv", index=False)
+    kw = dict(cohort="reproduce_chexnet", split_of=f"{B0}:test", n_boot=20)
+    by_probs = compare_predictions(B0 / "predictions.csv", LITE0 / "predictions.csv", data_dir, **kw)
+    by_logits = compare_predictions(tmp_path / "oof.csv", LITE0 / "predictions.csv", data_dir, **kw)
+    assert by_logits["n_films"] == by_probs["n_films"] == 82
+    assert by_logits["a"] == pytest.approx(by_probs["a"], abs=1e-3)  # the probabilities were kept to 5 decimals
