@@ -142,8 +142,12 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"no {WEIGHTS_FILE} in {folder}")
 
 
-def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Loads a checkpoint folder (safetensors only) and checks config against weights."""
+def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu", weights: bool = True) -> Checkpoint:
+    """Loads a checkpoint folder (safetensors only) and checks config against weights.
+
+    ``weights=False`` reads the config alone and leaves the model randomly initialised: for work whose logits
+    are already computed (e.g. a cross-validation's pooled evaluation), never for predicting.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
@@ -151,20 +155,31 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     if (ens := ensemble_of(cfg)) is not None:
         raise CheckpointError(f"{folder.name} is an ensemble of {', '.join(ens.members)}, not one checkpoint: load "
                               "it with chestxray.ensemble.load_model (the command line and the app do)")
-    weights = _weights_file(folder)
     arch, labels = cfg["architecture"], list(cfg["label_names"])
     if arch not in ARCHS:
         raise CheckpointError(f"{folder.name}: unsupported architecture {arch!r} in {CONFIG_FILE}")
-    try:
-        state = safetensors.torch.load_file(str(weights), device="cpu")
-    except Exception:  # noqa: BLE001 - any parse failure is a corrupt or foreign file
-        raise CheckpointError(f"{weights.name} in {folder.name} is not a valid safetensors file") from None
     args = dict(cfg.get("model_args", {}))
     args.pop("num_classes", None)
     in_chans = args.pop("in_chans", cfg["pretrained_cfg"]["input_size"][0])
     img_size = int(cfg["pretrained_cfg"]["input_size"][-1])
     args.pop("img_size", None)
     model = create_model(arch, len(labels), in_chans=in_chans, img_size=img_size, **args)
+    if weights:
+        _load_weights(model, folder, labels)
+    model.eval().to(device)
+    meta = CkptMeta.from_config(cfg)
+    thresholds = {k: v for k, v in meta.thresholds.items() if k in labels}
+    return Checkpoint(model=model, arch=arch, labels=labels, preprocess=Preprocess.from_config(cfg["pretrained_cfg"]),
+                      thresholds=thresholds, config=cfg, path=folder, meta=meta)
+
+
+def _load_weights(model: nn.Module, folder: Path, labels: list[str]) -> None:
+    """Loads ``folder``'s safetensors weights into ``model``, or says in one line why they do not fit."""
+    weights = _weights_file(folder)
+    try:
+        state = safetensors.torch.load_file(str(weights), device="cpu")
+    except Exception:  # noqa: BLE001 - any parse failure is a corrupt or foreign file
+        raise CheckpointError(f"{weights.name} in {folder.name} is not a valid safetensors file") from None
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as err:
@@ -173,11 +188,6 @@ def load_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         detail = (f"config lists {len(labels)} labels, weights have {got.shape[0]} outputs"
                   if got is not None and got.shape[0] != head[0] else str(err).splitlines()[0][:200])
         raise CheckpointError(f"{folder.name}: config.json does not match the weights ({detail})") from None
-    model.eval().to(device)
-    meta = CkptMeta.from_config(cfg)
-    thresholds = {k: v for k, v in meta.thresholds.items() if k in labels}
-    return Checkpoint(model=model, arch=arch, labels=labels, preprocess=Preprocess.from_config(cfg["pretrained_cfg"]),
-                      thresholds=thresholds, config=cfg, path=folder, meta=meta)
 
 
 def _classifier_key(model: nn.Module) -> str:

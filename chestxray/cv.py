@@ -23,6 +23,12 @@ Layout of ``<out>``::
 
 A killed run resumes where it stopped: a fold without DONE continues from its last epoch, a fold with
 DONE but no ``oof.csv`` is predicted, and the pooled evaluation is redone from the files.
+
+A cross-validation outlasts one machine through its *record* (``--record DIR``, e.g. ``results/cv/<name>``,
+committed as folds land): each finished fold's small files (:data:`RECORD_FILES`: DONE, log, oof.csv,
+pointing.json and the fold model's config.json; no weights) and, once pooled, cv.json with the pooled
+metrics and plots. A fold found in the record is not trained again, and the pooled evaluation needs no
+fold's weights (its logits are in ``oof.csv``).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +57,11 @@ OOF_FILE = "oof.csv"
 POINTING_FILE = "pointing.json"
 SUMMARY_FILE = "cv.json"
 LOGIT = "logit:"  # column prefix of the logits in oof.csv
+#: A finished fold's files that the record keeps (paths under the fold's run folder): a few hundred KB, no weights.
+#: DONE comes last, so a fold whose record holds DONE was copied whole.
+RECORD_FILES = ("log.csv", OOF_FILE, POINTING_FILE, "best/config.json", "DONE")
+#: The pooled evaluation's files that the record keeps (under ``<out>``).
+RECORD_SUMMARY = (SUMMARY_FILE, "eval/metrics.json", "eval/roc.png", "eval/reliability.png", "eval/confusion.png")
 
 
 def fold_config(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) -> TrainConfig:
@@ -70,6 +82,28 @@ def run_fold(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) ->
         n_train = int(pd.read_csv(run / "manifest.csv", usecols=["split"])["split"].eq("train").sum())
         (run / "DONE").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "n_train": n_train}))
     return run
+
+
+def _copy(names: Sequence[str], src: Path, dst: Path) -> None:
+    for name in names:
+        if (src / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, dst / name)
+
+
+def keep_fold(run: Path, record: Path) -> None:
+    """Copies a finished fold's :data:`RECORD_FILES` into ``record/<fold>``."""
+    _copy(RECORD_FILES, run, record / run.name)
+
+
+def restore_fold(run: Path, record: Path) -> bool:
+    """Brings a fold finished on another machine back from ``record/<fold>`` (DONE and ``oof.csv`` there, no
+    DONE here); returns whether it did. Its weights stay behind: nothing after training needs them."""
+    kept = record / run.name
+    if (run / "DONE").exists() or not ((kept / "DONE").is_file() and (kept / OOF_FILE).is_file()):
+        return False
+    _copy(RECORD_FILES, kept, run)
+    return True
 
 
 def held_out(run: Path) -> pd.DataFrame:
@@ -145,9 +179,11 @@ def fit_on_oof(df: pd.DataFrame, Y: np.ndarray, Z: np.ndarray, labels: list[str]
 def oof_predictor(run: Path, thresholds: dict[str, float], calibration):
     """Fold ``run``'s loaded model carrying the out-of-fold thresholds and calibration: it stands for the
     recipe's labels, thresholds and probability scale when the pooled predictions are evaluated."""
+    from chestxray.checkpoint import load_folder
     from chestxray.predictor import Predictor
 
-    base = Predictor.load(str(run / "best"), device="cpu")
+    # the logits are given: only the config is needed (a fold restored from its record has no weights)
+    base = Predictor(load_folder(run / "best", device="cpu", weights=False), device="cpu")
     meta = copy.deepcopy(base.ckpt.meta)
     meta.calibration = calibration
     ckpt = dataclasses.replace(base.ckpt, thresholds=dict(thresholds), meta=meta)
@@ -241,21 +277,34 @@ def _jsonable(x: Any) -> Any:
 
 
 def run_cv(cfg: TrainConfig, folds: int = DEFAULT_FOLDS, only_fold: int | None = None, localize: bool = True,
-           progress: bool = True) -> dict[str, Any] | None:
-    """Trains the folds not yet done (or only ``only_fold``), then, once all are done, pools and evaluates."""
+           progress: bool = True, record: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Trains the folds not yet done (or only ``only_fold``), then, once all are done, pools and evaluates.
+
+    With ``record``, folds finished there are restored instead of trained, and each fold finished here, and
+    the pooled evaluation, are kept there (see the module's docstring).
+    """
     from chestxray.evaluate import has_boxes
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    record = Path(record) if record else None
+    for i in range(folds):
+        if record and restore_fold(out / f"fold{i}", record):
+            log.info("fold %d restored from %s", i, record)
     for i in ([only_fold] if only_fold is not None else range(folds)):
         run = run_fold(cfg, folds, i, out)
         fold_logits(run, cfg.data_root, progress=progress)
         if localize and has_boxes(cfg.data_root):
             fold_pointing(run, cfg.data_root)
+        if record:
+            keep_fold(run, record)
     if not all((out / f"fold{i}" / "DONE").exists() for i in range(folds)):
         log.info("folds still to train: %s", [i for i in range(folds) if not (out / f"fold{i}" / "DONE").exists()])
         return None
-    return summarize(cfg, folds, out, localize=localize, progress=progress)
+    summary = summarize(cfg, folds, out, localize=localize, progress=progress)
+    if record:
+        _copy(RECORD_SUMMARY, out, record)
+    return summary
 
 
 EPILOG = """examples:
@@ -273,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "predictions are evaluated. Resumable: run it again to continue.")
     p.epilog = EPILOG
     p.add_argument("--only-fold", type=int, default=None, metavar="I", help="train and predict only fold I")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="keep each finished fold's small files (no weights) and the pooled evaluation here, and "
+                        "restore folds finished there instead of training them (e.g. results/cv/NAME, committed)")
     p.add_argument("--localize", type=_bool, default=True, metavar="BOOL",
                    help="pointing game on each fold's held-out boxed films (default true)")
     return p
@@ -285,14 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args, exclude=("only_fold", "localize"))
+        cfg = config_from_args(args, exclude=("only_fold", "localize", "record"))
         folds = cfg.folds or DEFAULT_FOLDS
         if args.only_fold is not None and not 0 <= args.only_fold < folds:
             raise ValueError(f"--only-fold {args.only_fold} is not among the {folds} folds")
     except (ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    summary = run_cv(cfg, folds, args.only_fold, localize=args.localize)
+    summary = run_cv(cfg, folds, args.only_fold, localize=args.localize, record=args.record)
     if summary is None:
         print("folds left to train: run the same command again")
         return 0

@@ -120,6 +120,20 @@ def test_a_second_run_resumes_without_retraining(cv_run):
     assert again["mean_auroc"] == summary["mean_auroc"]
 
 
+def test_a_record_carries_the_finished_folds_to_another_machine_without_weights(cv_run, tmp_path):
+    cfg, summary = cv_run
+    record = tmp_path / "record"
+    cv.run_cv(cfg, FOLDS, localize=False, progress=False, record=record)  # every fold done: kept, not retrained
+    assert sorted(p.name for p in record.iterdir()) == ["cv.json", "eval"] + [f"fold{i}" for i in range(FOLDS)]
+    assert (record / "fold1" / cv.OOF_FILE).is_file() and (record / "fold1" / "best" / "config.json").is_file()
+    assert not list(record.rglob("*.safetensors")) and not list(record.rglob("*.pt"))
+    elsewhere = dataclasses.replace(cfg, out=str(tmp_path / "new-machine"))
+    again = cv.run_cv(elsewhere, FOLDS, localize=False, progress=False, record=record)
+    assert not list((tmp_path / "new-machine").rglob("*.safetensors"))  # nothing trained there
+    assert again["mean_auroc"] == summary["mean_auroc"] and again["thresholds"] == summary["thresholds"]
+    assert again["temperatures"] == summary["temperatures"]
+
+
 def test_cv_command_rejects_a_fold_outside_the_folds(capsys):
     assert cv.main(["--folds", "3", "--only-fold", "3"]) == 2
     assert "--only-fold 3 is not among the 3 folds" in capsys.readouterr().err
