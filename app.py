@@ -99,14 +99,21 @@ class Events:
         """The CSV and its preview, with a progress bar."""
         return self.svc.batch(files, model, track=lambda fs: progress.tqdm(fs, desc="Scoring"))
 
-    def window_controls(self, state):
-        """The window preset, centre and width controls for the analysed file (off for 8-bit files), and a note."""
+    def panels(self, state: dict | None) -> tuple[dict, ...]:
+        """After an analysis: the window/level panel only for a DICOM or 16-bit film (preset, centre and width
+        set to its stored values) with its note, else the "shown as stored" note alone; the report outputs
+        hidden until a report is made."""
         c = self.svc.window_controls(state)
-        if "center" not in c:
-            off = gr.update(interactive=False)
-            return gr.update(value=STORED, interactive=False), off, off, c["note"]
-        return (gr.update(value=STORED, interactive=True), gr.update(**c["center"], interactive=True),
-                gr.update(**c["width"], interactive=True), c["note"])
+        note = gr.update(value=c["note"], visible=bool(c["note"]))
+        report = gr.update(visible=self.svc.report_shown(state))
+        if not c["visible"]:
+            return gr.update(visible=False), gr.update(value=STORED), gr.update(), gr.update(), note, report
+        return gr.update(visible=True), gr.update(value=STORED), gr.update(**c["center"]), gr.update(**c["width"]), \
+            note, report
+
+    def report_outputs(self, state: dict | None) -> dict:
+        """The report's files shown once a report is made."""
+        return gr.update(visible=self.svc.report_shown(state))
 
 
 # -- layout --------------------------------------------------------------------------------------
@@ -147,10 +154,12 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                         info_md = gr.Markdown(label="Image info", show_label=False)
                     with gr.Column(scale=3, min_width=320):
                         warn_html = gr.HTML(visible=False, elem_id="input-warning", label="Input warning")
+                        # the labels above their threshold first, marked, each bar with its threshold's tick
+                        table_md = gr.HTML("Analyze a film to see every label's probability against its "
+                                           "operating threshold.", label="Label table", elem_id="probs")
+                        # the API's answer (/predict returns it first); the page shows the table above
                         probs = gr.Label(num_top_classes=NUM_TOP, show_heading=False, label="Probabilities",
-                                         elem_id="probs")
-                        with gr.Accordion("All labels with operating thresholds", open=True):
-                            table_md = gr.HTML(label="Label table")
+                                         visible=False, elem_id="probs-api")
                     with gr.Column(scale=3, min_width=320):
                         with gr.Row():
                             label_dd = gr.Dropdown([], value=None, label="Heatmap for label",
@@ -171,20 +180,23 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                                              elem_id="gallery")
                 with gr.Row(equal_height=False):  # viewer and report (display only: no model runs here)
                     with gr.Column(scale=2, min_width=280):
-                        with gr.Accordion("Window / level (display only)", open=True):
+                        # DICOM and 16-bit films only (Events.panels); an 8-bit film gets the note alone
+                        with gr.Accordion("Window / level (display only)", open=True, visible=False,
+                                          elem_id="window-panel") as window_acc:
                             window_rd = gr.Radio([*PRESETS, CUSTOM], value=STORED, label="Window preset",
-                                                 interactive=False, elem_id="window-preset")
+                                                 elem_id="window-preset")
                             # broad bounds: the server checks API values against them; the page narrows them
-                            # to the analysed file's range (window_controls)
+                            # to the analysed file's range (Events.panels)
                             center_sl = gr.Slider(-WINDOW_LIMIT, WINDOW_LIMIT, value=0, label="Window centre "
-                                                  "(stored units)", interactive=False, elem_id="window-center")
+                                                  "(stored units)", elem_id="window-center")
                             width_sl = gr.Slider(1, 2 * WINDOW_LIMIT, value=1, label="Window width (stored units)",
-                                                 interactive=False, elem_id="window-width")
-                            window_md = gr.Markdown("Analyze a DICOM or 16-bit image to window it.",
-                                                    label="Window note", show_label=False)
+                                                 elem_id="window-width")
+                        window_md = gr.Markdown(label="Window note", show_label=False, visible=False,
+                                                elem_id="window-note")
                         report_btn = gr.Button("Export report (PDF + JSON)", elem_id="report")
-                        report_pdf = gr.File(label="Report (PDF)", interactive=False, elem_id="report-pdf")
-                        report_json = gr.File(label="Report (JSON)", interactive=False, elem_id="report-json")
+                        with gr.Column(visible=False, elem_id="report-files") as report_box:  # once made
+                            report_pdf = gr.File(label="Report (PDF)", interactive=False, elem_id="report-pdf")
+                            report_json = gr.File(label="Report (JSON)", interactive=False, elem_id="report-json")
                     with gr.Column(scale=4, min_width=320):
                         slider_img = gr.ImageSlider(label="Before / after: film | heatmap (drag the handle; "
                                                     "scroll to zoom, drag to pan)", type="filepath", format="png",
@@ -218,11 +230,12 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                         batch_table = gr.Dataframe(label="Results", interactive=False, max_height=520)
 
         # the bars and the overlay first; the decoded film and the gallery follow from the stored analysis
-        run_btn.click(ev.predict, [file_in, model_dd, method_dd, alpha, scale_rd, boxes_cb],
-                      [probs, table_md, overlay_img, caption_md, label_dd, warn_html, info_md, state],
-                      api_name="predict", **model_work
-                      ).success(ev.extras, [alpha, state], [decoded, gallery], api_name="extras",
-                                show_progress="hidden")
+        analysed = run_btn.click(ev.predict, [file_in, model_dd, method_dd, alpha, scale_rd, boxes_cb],
+                                 [probs, table_md, overlay_img, caption_md, label_dd, warn_html, info_md, state],
+                                 api_name="predict", **model_work)
+        analysed.success(ev.extras, [alpha, state], [decoded, gallery], api_name="extras", show_progress="hidden")
+        analysed.success(ev.panels, [state], [window_acc, window_rd, center_sl, width_sl, window_md, report_box],
+                         api_visibility="private", show_progress="hidden")
         gr.on([label_dd.input, method_dd.input, alpha.release, scale_rd.input, boxes_cb.input], ev.explain,
               [label_dd, method_dd, alpha, scale_rd, state, boxes_cb], [overlay_img, caption_md, state],
               api_name="explain",
@@ -239,10 +252,9 @@ def create_demo(registry: ModelRegistry | None = None, warm_up: bool = True) -> 
                         show_progress="minimal")
         gr.on([center_sl.release, width_sl.release], ev.window_custom, [center_sl, width_sl, state], window_out,
               api_visibility="private", show_progress="minimal")
-        decoded.change(ev.window_controls, [state], [window_rd, center_sl, width_sl, window_md],
-                       api_visibility="private", show_progress="hidden")
         overlay_img.change(ev.before_after, [state], [slider_img], api_visibility="private", show_progress="hidden")
-        report_btn.click(ev.report, [state], [report_pdf, report_json], api_name="report")
+        report_btn.click(ev.report, [state], [report_pdf, report_json], api_name="report").success(
+            ev.report_outputs, [state], [report_box], api_visibility="private", show_progress="hidden")
     demo.service = svc  # for tests and benchmarks
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     tune_queue(demo)

@@ -7,7 +7,7 @@ and the heatmap overlay shown.
 Starts ``app.py`` in its own process (the installed models, default model unless ``--model``), opens
 the page, and for each run uploads one of two 1024-px NIH films (alternating, so that the bars and
 the overlay must change), then clicks Analyze. In the page, a script notes the click time, the time
-the probability bars show the new film's numbers, and the time the new overlay image has loaded
+the result panel's bars show the new film's numbers, and the time the new overlay image has loaded
 (``img.complete``, natural size > 0). Prints a markdown table: first click, p50 and p95 of the rest.
 Needs Chromium (``apt-get install -y chromium``) and playwright.
 """
@@ -43,7 +43,7 @@ async (before) => {
     const text = probs.innerText;
     const b = busy();
     sawBusy = sawBusy || b;
-    if (bars === null && (sawBusy || text !== before.bars) && text.includes('%') && !b) bars = now - t0;
+    if (bars === null && (sawBusy || text !== before.bars) && text.includes('Below threshold') && !b) bars = now - t0;
     const im = img();
     if (overlay === null && im && im.src !== before.src && im.complete && im.naturalWidth > 0) overlay = now - t0;
     await new Promise(r => requestAnimationFrame(r));

@@ -498,6 +498,34 @@ def test_service_errors_reach_the_page_as_one_line(env):
     assert "second line" not in str(err.value)
 
 
+def test_page_panels_follow_the_film(env, data_dir):
+    """After an analysis the page shows the window/level panel only for a DICOM (its sliders narrowed to the film's
+    stored values), else the one line "shown as stored"; the report outputs stay hidden until a report is made."""
+    import app
+    from chestxray.registry import ModelRegistry
+    from chestxray.serve.service import Service
+
+    ev = app.Events(Service(ModelRegistry.from_yaml(), warm_up=False))
+    png = ev.svc.predict(str(data_dir / NIH_IMAGE), "tiny_eff").state
+    panel, preset, center, width, note, report = ev.panels(png)
+    assert panel["visible"] is False and preset["value"] == "Stored window"
+    assert "minimum" not in center and "minimum" not in width  # no controls for an 8-bit film
+    assert note["visible"] is True and note["value"] == "8-bit PNG film: shown as stored."
+    assert report["visible"] is False
+    dicom = ev.svc.predict(str(data_dir / CHEST_CR), "tiny_eff").state
+    panel, preset, center, width, note, report = ev.panels(dicom)
+    assert panel["visible"] is True and preset["value"] == "Stored window" and report["visible"] is False
+    assert (center["value"], width["value"]) == (15000, 30000)  # the file's own window
+    assert center["minimum"] < center["value"] < center["maximum"] and center["maximum"] - center["minimum"] < 1e5
+    assert width["minimum"] == 1 and width["maximum"] < 2 * app.WINDOW_LIMIT
+    assert note["visible"] is True and note["value"].startswith("Display only")
+    assert ev.report_outputs(dicom)["visible"] is False
+    pdf, _ = ev.report(dicom)
+    assert Path(pdf).is_file() and ev.report_outputs(dicom)["visible"] is True
+    assert ev.panels(ev.svc.predict(str(data_dir / CHEST_CR), "tiny_eff").state)[-1]["visible"] is False  # new film
+    assert ev.panels(None)[0]["visible"] is False and ev.panels(None)[4]["visible"] is False  # nothing analysed
+
+
 @pytest.mark.slow
 def test_importing_the_app_and_exiting_at_once_is_clean():
     """``import app`` starts loading the shipped default model in the background; a process that exits

@@ -2,6 +2,7 @@
 prior shift, and a predictor that applies it without changing a ranking or a flag."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
@@ -112,7 +113,8 @@ def test_predictor_reports_the_shifted_scale_with_the_same_flags_and_maps(films,
     from chestxray.registry import ModelRegistry
     from chestxray.serve.text import card_markdown, label_table
 
-    assert NIH_ADULTS in label_table(kept) and NIH_ADULTS not in label_table(a0)
+    # the panel is HTML: its text (">=" escaped as "&gt;=") reads the population as written
+    assert NIH_ADULTS in html.unescape(label_table(kept)) and NIH_ADULTS not in html.unescape(label_table(a0))
     (tmp_path / "m.yaml").write_text("default: shifted\nmodels:\n  - {name: shifted, local: shifted}\n"
                                      "  - {name: base, local: base}\n")
     with pytest.MonkeyPatch.context() as mp:  # the app's card panel says the same as the config

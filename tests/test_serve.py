@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import io
 import json
 import re
@@ -192,6 +193,95 @@ def test_gallery_thumbnails_match_the_straightforward_ones(weights, data_dir):
             diff = np.abs(fast.astype(int) - ref)
             assert fast.shape == ref.shape and fast.dtype == np.uint8
             assert diff.mean() < 1.0 and diff.max() <= 16, (name, k, diff.mean(), diff.max())
+
+
+def _row_attrs(table: str) -> list[tuple[str, bool, float, float, float]]:
+    """(label, above, probability, threshold, tick position %) of each row of the result panel, in page order."""
+    rows = re.findall(r'data-label="([^"]+)" data-above="(true|false)" data-probability="([\d.]+)" '
+                      r'data-threshold="([\d.]+)".*?class="cxr-tick" data-position="([\d.]+)"', table)
+    return [(k, a == "true", float(p), float(t), float(x)) for k, a, p, t, x in rows]
+
+
+def test_result_panel_lists_labels_above_threshold_first_with_threshold_ticks(weights, data_dir):
+    """The labels at or above their operating threshold come first, marked in words; the rest follow, most probable
+    first; every bar carries a tick where its threshold lies; the probability scale is named."""
+    from chestxray.predictor import Predictor
+    from chestxray.report import probability_scale
+    from chestxray.serve.text import ABOVE_MARK, bar_position, label_table, ranked_labels
+
+    a = Predictor.load(weights / MODELS[0], device="cpu").analyze(data_dir / NIH_IMAGE)
+    probs = a.prob_dict()
+    # thresholds that put every third label just under its probability, the others above it (and one at 0.97)
+    a.thresholds = {k: (probs[k] * 0.9 if i % 3 == 0 else min(0.97, probs[k] + 0.05)) for i, k in enumerate(a.labels)}
+    rows = ranked_labels(a)
+    assert sorted(r.label for r in rows) == sorted(a.labels)
+    above = [r.label for r in rows if r.above]
+    assert above == a.positives() and len(above) == 5  # labels 0, 3, 6, 9, 12 of 15
+    assert [r.above for r in rows] == [True] * 5 + [False] * 10  # above threshold first
+    below = [r.probability for r in rows if not r.above]
+    assert below == sorted(below, reverse=True)  # then the others, most probable first
+    table = label_table(a)
+    shown = _row_attrs(table)
+    assert [k for k, *_ in shown] == [r.label for r in rows]  # the page's order is ranked_labels'
+    for (k, is_above, p, t, tick), r in zip(shown, rows):
+        assert is_above == r.above == (p >= t) and p == pytest.approx(probs[k], abs=1e-6)
+        assert t == pytest.approx(a.threshold(k), abs=1e-6) and tick == pytest.approx(100 * t, abs=0.06)
+        assert f"left:{bar_position(t)}%" in table
+    assert table.count('class="cxr-mark"') == 5 and table.count('class="cxr-tick"') == 15
+    marks = [table.index(f'data-label="{k}"') for k in above]
+    assert all(table.find('class="cxr-mark"', m) < table.find("data-label=", m + 1) for m in marks)  # each in its row
+    assert ABOVE_MARK in table and "Above their operating threshold: 5" in table and "Below threshold: 10" in table
+    assert probability_scale(a) in table and "not a diagnosis" in table
+    assert (bar_position(-0.2), bar_position(0.0091), bar_position(1.4)) == (0.0, 0.9, 100.0)
+    a.thresholds = {k: 1.0 for k in a.labels}  # nothing reaches its threshold: said so, nothing marked
+    table = label_table(a)
+    assert "No label reaches its operating threshold" in table and 'class="cxr-mark"' not in table
+    assert [k for k, *_ in _row_attrs(table)] == sorted(a.labels, key=lambda k: -probs[k])
+    # a checkpoint's label names and the scale's words are text, never markup (a Hub checkpoint is anyone's)
+    hostile = '<img src=x onerror="alert(1)">'
+    a.labels = [hostile, *a.labels[1:]]
+    a.thresholds = {**{k: 1.0 for k in a.labels}, hostile: 0.0}
+    a.reference = "adult films at NIH's <i>prevalence</i>"
+    table = label_table(a)
+    assert "<img" not in table and "<i>" not in table and "&lt;img src=x onerror=" in table
+    assert f'data-label="{html.escape(hostile)}"' in table  # the attribute stays closed
+    assert "adult films at NIH's <i>prevalence</i>" in html.unescape(table)  # read as written
+    assert _row_attrs(table)[0][0] == html.escape(hostile) and table.count('class="cxr-mark"') == 1  # first, marked
+
+
+def test_window_panel_only_for_dicom_and_16_bit_films(service, data_dir, bad_corpus):
+    """The window/level panel is offered for a DICOM and a 16-bit PNG, narrowed to the film's stored values; an 8-bit
+    PNG or a colour DICOM gets the one line "shown as stored" and no controls; nothing before an analysis."""
+    from chestxray.imaging import read_image
+
+    assert service.window_controls(None) == {"visible": False, "note": ""}
+    for path, visible, note in ((data_dir / NIH_IMAGE, False, "8-bit PNG film: shown as stored."),
+                                (bad_corpus["us_rgb.dcm"], False, "8-bit DICOM film: shown as stored."),
+                                (data_dir / CHEST_CR, True, "Display only"),
+                                (bad_corpus["gray16.png"], True, "Display only")):
+        state = service.predict(str(path), MODELS[0]).state
+        c = service.window_controls(state)
+        assert c["visible"] is visible and c["note"].startswith(note), path
+        if not visible:
+            assert set(c) == {"visible", "note"}
+            continue
+        raw = read_image(path).raw
+        lo, hi, center, width = float(raw.min()), float(raw.max()), c["center"], c["width"]
+        assert center["minimum"] <= center["value"] <= center["maximum"] and center["step"] > 0
+        assert center["maximum"] - center["minimum"] <= hi - lo + width["value"]  # the film's values, not +-1e6
+        assert width["minimum"] == 1 < width["value"] <= width["maximum"] <= max(2 * (hi - lo), width["value"])
+        assert f"Stored values {lo:g} to {hi:g}" in c["note"]
+
+
+def test_report_outputs_show_only_once_a_report_is_made(service, data_dir):
+    """No report outputs after an analysis; shown once the report is made; hidden again for the next film."""
+    assert not service.report_shown(None)
+    state = service.predict(str(data_dir / CHEST_CR), MODELS[0]).state
+    assert not service.report_shown(state)
+    pdf, js = service.report(state)
+    assert service.report_shown(state) and state["report"] == {"pdf": pdf, "json": js}
+    assert Path(pdf).read_bytes().startswith(b"%PDF")
+    assert not service.report_shown(service.predict(str(data_dir / NIH_IMAGE), MODELS[0]).state)
 
 
 # -- the HTTP API of the served app ------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A session's state is a plain dict (the Gradio page keeps it in ``gr.State``): ``model`` (its name),
 ``analysis`` (:func:`pack`), ``maps`` (the last slow method's map), ``film``/``window``/``window_name`` (the
-viewer's window/level), ``info`` (the file's technical fields) and ``view`` (what is shown now).
+viewer's window/level), ``info`` (the file's technical fields), ``view`` (what is shown now) and, once one is
+made, ``report`` (the report's files).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chestxray.cam_methods import CAM_METHODS, METHOD_TITLES
@@ -47,6 +48,15 @@ def image_info(xray: XrayImage) -> str:
     return text
 
 
+def shown_as_stored(info: dict | None) -> str:
+    """The viewer's one line for a film without stored values to window (8-bit and colour files), from the
+    report's technical fields (:func:`chestxray.report.technical_fields`)."""
+    info = info or {}
+    kind = " ".join(x for x in (f"{info['bit_depth']}-bit" if info.get("bit_depth") else "",
+                                html.escape(str(info.get("format") or "").upper(), quote=False)) if x)
+    return f"{kind or 'This'} film: shown as stored."
+
+
 def warning_html(warnings: list[str]) -> str:
     """The prominent box shown when the input gate doubts the image."""
     items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
@@ -55,24 +65,80 @@ def warning_html(warnings: list[str]) -> str:
             f"<ul style='margin:4px 0 0 0'>{items}</ul></div>")
 
 
-def label_table(analysis: Analysis) -> str:
-    """HTML table: every label, its probability (▲ when above its operating threshold), the threshold."""
+@dataclass(frozen=True)
+class LabelRow:
+    """One label as the result panel shows it."""
+
+    label: str
+    probability: float
+    threshold: float
+    above: bool  # at or above its operating threshold
+
+
+def ranked_labels(analysis: Analysis) -> list[LabelRow]:
+    """Every label in the result panel's order: those at or above their operating threshold first, then the
+    others; most probable first within each group, ties in the checkpoint's label order."""
     probs = analysis.prob_dict()
-    cell = "padding:3px 8px;border-bottom:1px solid rgba(128,128,128,.25)"
-    head = "".join(f'<th style="{cell};text-align:{a}">{h}</th>'
-                   for h, a in (("Label", "left"), ("Probability", "right"), ("Operating threshold", "right")))
-    rows = []
-    for k in sorted(analysis.labels, key=lambda k: -probs[k]):
-        p, t = probs[k], analysis.threshold(k)
-        above = p >= t
-        rows.append(f'<tr style="{"font-weight:600" if above else ""}"><td style="{cell}">{html.escape(k)}</td>'
-                    f'<td style="{cell};text-align:right;white-space:nowrap">{"▲ " if above else ""}{p:.3f}</td>'
-                    f'<td style="{cell};text-align:right">{t:.3f}</td></tr>')
-    return (f'<table style="width:100%;border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table><p style="font-size:12px;margin:6px 0 0 0">▲ bold: probability '
-            "at or above the label's operating threshold (above threshold). "
-            + (f"Probabilities are {_scale(analysis)}. " if getattr(analysis, "calibrated", False) else "")
-            + "This is a model output, not a diagnosis.</p>")
+    rows = [LabelRow(k, probs[k], analysis.threshold(k), probs[k] >= analysis.threshold(k)) for k in analysis.labels]
+    return sorted(rows, key=lambda r: (not r.above, -r.probability))  # sorted() is stable
+
+
+def bar_position(value: float) -> float:
+    """Where ``value`` (a probability or a threshold) lies on a 0-1 bar, in percent of its width (clamped)."""
+    return round(100.0 * min(max(float(value), 0.0), 1.0), 1)
+
+
+#: The result panel's marker of a label at or above its operating threshold (a word, not a colour only).
+ABOVE_MARK = "▲ above threshold"
+
+
+def _bar_row(r: LabelRow) -> str:
+    """One label: its name (marked when above threshold), probability and threshold, and a 0-1 bar whose tick
+    is the threshold."""
+    fill = "#ea580c" if r.above else "rgba(100,116,139,.55)"
+    mark = (f'<span class="cxr-mark" style="display:inline-block;border:1.5px solid currentColor;border-radius:4px;'
+            f'padding:0 4px;margin-right:6px;font-size:11px;font-weight:700">{ABOVE_MARK}</span>' if r.above else "")
+    p, t = bar_position(r.probability), bar_position(r.threshold)
+    return (f'<div class="cxr-row" data-label="{html.escape(r.label)}" data-above="{str(r.above).lower()}" '
+            f'data-probability="{r.probability:.6f}" data-threshold="{r.threshold:.6f}" style="padding:4px 0 6px 0;'
+            f'{"font-weight:600" if r.above else ""}">'
+            '<div style="display:flex;flex-wrap:wrap;justify-content:space-between;align-items:baseline;gap:0 8px">'
+            f'<span>{mark}<span class="cxr-name">{html.escape(r.label)}</span></span>'
+            # margin-left:auto: the numbers stay right-aligned when a narrow screen wraps them under the name
+            '<span style="margin-left:auto;white-space:nowrap;font-variant-numeric:tabular-nums;font-size:13px">'
+            f'<b>{r.probability:.3f}</b> <span style="opacity:.75;font-weight:400">· threshold {r.threshold:.3f}'
+            '</span></span></div>'
+            f'<div class="cxr-bar" role="img" aria-label="probability {r.probability:.3f}, operating threshold '
+            f'{r.threshold:.3f}" style="position:relative;height:9px;margin:3px 0 0 0;border-radius:3px;'
+            'background:rgba(128,128,128,.18)">'
+            f'<div class="cxr-fill" style="position:absolute;left:0;top:0;bottom:0;width:{p}%;min-width:2px;'
+            f'border-radius:3px;background:{fill}"></div>'
+            f'<div class="cxr-tick" data-position="{t}" title="operating threshold {r.threshold:.3f}" '
+            f'style="position:absolute;top:-3px;bottom:-3px;left:{t}%;width:2px;margin-left:-1px;'
+            'background:currentColor"></div></div></div>')
+
+
+def label_table(analysis: Analysis) -> str:
+    """The result panel (HTML): the labels at or above their operating threshold first, marked
+    :data:`ABOVE_MARK`, then the others; each with its probability, its threshold and a 0-1 bar whose tick is
+    the threshold; the probability scale in words."""
+    rows = ranked_labels(analysis)
+    above = [r for r in rows if r.above]
+    # headings a screen reader can jump between (the page's own headings are h1/h2)
+    head = 'role="heading" aria-level="3" style="font-size:13px;font-weight:700;margin:6px 0 2px 0;' \
+           'padding-bottom:2px;border-bottom:1px solid rgba(128,128,128,.35)"'
+    parts = [f'<div class="cxr-group" data-group="above" {head}>Above their operating threshold: {len(above)}</div>'
+             if above else
+             f'<div class="cxr-group" data-group="above" {head}>No label reaches its operating threshold</div>']
+    parts += [_bar_row(r) for r in above]
+    parts.append(f'<div class="cxr-group" data-group="below" {head}>Below threshold: {len(rows) - len(above)} '
+                 '(most probable first)</div>')
+    parts += [_bar_row(r) for r in rows if not r.above]
+    # quote=False: a text node, where the scale's "NIH's" reads (and is searched) as written
+    return (f'<div class="cxr-labels" style="font-size:14px">{"".join(parts)}<p style="font-size:12px;'
+            f'margin:8px 0 0 0;line-height:1.4">{ABOVE_MARK}: the probability reaches the label\'s operating '
+            "threshold (chosen on validation), marked by the tick on its bar; bars run from 0 to 1. Probabilities "
+            f"are {html.escape(_scale(analysis), quote=False)}. This is a model output, not a diagnosis.</p></div>")
 
 
 def _scale(analysis: Analysis) -> str:

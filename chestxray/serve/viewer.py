@@ -10,7 +10,7 @@ from chestxray.imaging import to_uint8
 from chestxray.serve.errors import ServiceError, user_errors
 from chestxray.serve.files import OUT, file_stem
 from chestxray.serve.sessions import State, current_cam, require, viewed, window_text
-from chestxray.serve.text import DISCLAIMER_TEXT, SCALE_NAMES
+from chestxray.serve.text import DISCLAIMER_TEXT, SCALE_NAMES, shown_as_stored
 from chestxray.windowing import CUSTOM, PRESETS, STORED, Window
 
 
@@ -47,20 +47,29 @@ class ViewerReport:
 
     @staticmethod
     def window_controls(state: State | None) -> dict[str, Any]:
-        """The window controls for the analysed file: ``{"note"}`` alone for 8-bit files (controls off); else
-        also ``center`` and ``width``, each ``{minimum, maximum, value, step}`` from the file's stored values."""
-        film = (state or {}).get("film")
+        """The window/level panel for the analysed film: ``visible`` only for films with stored values to window
+        (DICOM and 16-bit; 8-bit and colour files are shown as stored) and a ``note`` (empty before any
+        analysis); when visible also ``center`` and ``width``, each ``{minimum, maximum, value, step}`` from the
+        film's stored values."""
+        state = state or {}
+        film = state.get("film")
         if film is None:
-            return {"note": "Window/level applies to DICOM and 16-bit images; this file is 8-bit and is shown "
-                            "as stored."}
+            return {"visible": False, "note": shown_as_stored(state.get("info")) if "analysis" in state else ""}
         w = film.preset(STORED)
         span = (film.high - film.low) or 1.0
         step = 1.0 if span >= 200 else span / 200
-        return {"center": {"minimum": min(film.low, w.center), "maximum": max(film.high, w.center),
+        return {"visible": True,
+                "center": {"minimum": min(film.low, w.center), "maximum": max(film.high, w.center),
                            "value": w.center, "step": step},
                 "width": {"minimum": 1, "maximum": max(2 * span, w.width), "value": w.width, "step": step},
                 "note": f"Display only: the model always sees the file's own window. Stored values {film.low:g} to "
                         f"{film.high:g}" + (" (MONOCHROME1: high values are dark)." if film.invert else ".")}
+
+    @staticmethod
+    def report_shown(state: State | None) -> bool:
+        """Whether the report outputs show: only once a report is made for the analysed film (a new analysis
+        starts without one)."""
+        return bool(state and state.get("report"))
 
     @staticmethod
     @user_errors
@@ -90,4 +99,5 @@ class ViewerReport:
 
         pdf, js = write_report(OUT.new_dir(), a, to_uint8(a.image), overlay, model=self.registry.card(state["model"]),
                                image=state["info"], view=view, disclaimer=DISCLAIMER_TEXT)
+        state["report"] = {"pdf": str(pdf), "json": str(js)}  # the page shows its outputs from now on
         return str(pdf), str(js)
