@@ -50,3 +50,21 @@ def test_upgrade_run_config_renames_only_the_path_key():
     assert upgrade_run_config({"recipe": "old.yaml", "recipe_file": "new.yaml"}) == {"recipe_file": "new.yaml"}
     knobs = {"recipe": {"arch": "resnet18"}}  # a dict is the checkpoint's knobs, not a path: left alone
     assert upgrade_run_config(knobs) == knobs
+
+
+def test_every_all_data_recipe_trains_its_cross_validated_recipe_on_every_film():
+    """train/configs/all/<name>.yaml is train/configs/cv/<name>.yaml with only the split changed (every film, no
+    fold, the final epoch), so the cross-validation's figures are the estimate for its weights."""
+    import dataclasses
+
+    from chestxray.training import TrainConfig
+
+    def resolved(path: Path) -> dict:
+        cfg = dataclasses.asdict(TrainConfig.from_dict(load_recipe(path)))
+        return {k: v for k, v in cfg.items() if k not in ("split", "select", "folds", "fold", "out", "recipe_file")}
+
+    pairs = [(REPO / "train/configs/cv" / p.name, p) for p in sorted((REPO / "train/configs/all").glob("*.yaml"))]
+    assert pairs and all(cv.is_file() for cv, _ in pairs), pairs
+    for cv, all_data in pairs:
+        assert load_recipe(all_data)["split"] == "all" and load_recipe(all_data)["select"] == "last"
+        assert resolved(all_data) == resolved(cv), all_data.name
