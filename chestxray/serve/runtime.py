@@ -35,13 +35,21 @@ _PREFIX = "chestxray-work"
 _WORK = ThreadPoolExecutor(WORK_THREADS, thread_name_prefix=_PREFIX)
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
+def limit_malloc_arenas(n: int = 1) -> None:
     """Caps glibc's malloc arenas at ``n`` for the threads created from now on (MALLOC_ARENA_MAX wins if set).
 
     glibc gives each worker thread its own arena, and freed image buffers stay there: RSS then grows with the
     number of threads that ever ran a request (measured with 16 clients: +247 MiB over 100 requests with the
-    default arenas, +60 MiB with 2). (Also tried: a fixed 256 KiB mmap threshold, so that every large buffer goes
-    back to the OS when freed: RSS growth the same within noise, but 60% more server CPU per request.)
+    default arenas, +60 MiB with 2). One arena, because :func:`trim_heap` cannot empty the others: glibc's
+    malloc_trim releases the whole free pages inside every arena but shrinks only the main arena's top (malloc.c,
+    ``mtrim``), and another arena's free top goes back only once it exceeds the trim threshold, which glibc raises
+    with the largest freed mmapped buffer (up to 64 MiB on 64-bit). Measured with tests/test_load.py's server (tiny
+    model, 16 clients, half the app's HTTP API and half Gradio's, the 7 MB DICOM once every 16 requests, RSS read
+    after every 16 requests with none in flight, 2 cores shared with a training job and a test run), 672 requests:
+    with 1 arena the readings stayed within 890-899 and 885-894 MiB (two servers), with 2 (MALLOC_ARENA_MAX=2)
+    they jumped within 896-913 MiB; server CPU 42.9 ms a request with 1 arena, 44.9 with 2 (one run each).
+    (Also tried: a fixed 256 KiB mmap threshold, so that every large buffer goes back to the OS when freed: RSS
+    growth the same within noise, but 60% more server CPU per request.)
     """
     if os.environ.get("MALLOC_ARENA_MAX") or _LIBC is None:
         return
