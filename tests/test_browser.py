@@ -61,7 +61,9 @@ def _upload_and_analyze(page, path: Path) -> None:
     if clear.count():
         clear.first.click()
     page.locator("#xray-file input[type=file]").set_input_files(str(path))
-    expect(page.locator("#xray-file").get_by_text(path.name)).to_be_visible(timeout=30_000)
+    # uploaded once the file's download link is there: its shown name may be truncated or split across elements
+    # by the column's width (a CI run saw "00000075_000 .png"), so it is not matched as text
+    expect(page.locator(f'#xray-file a[href$="/{path.name}"]')).to_be_visible(timeout=60_000)
     page.locator("#analyze").click()
 
 
