@@ -105,7 +105,7 @@ class Events:
         hidden until a report is made."""
         c = self.svc.window_controls(state)
         note = gr.update(value=c["note"], visible=bool(c["note"]))
-        report = gr.update(visible=self.svc.report_shown(state))
+        report = self.report_outputs(state)
         if not c["visible"]:
             return gr.update(visible=False), gr.update(value=STORED), gr.update(), gr.update(), note, report
         return gr.update(visible=True), gr.update(value=STORED), gr.update(**c["center"]), gr.update(**c["width"]), \
