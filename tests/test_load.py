@@ -101,7 +101,8 @@ def test_memory_check_catches_a_leak(server):
     # Measured: 20 runs of this file in a row, on 2 cores shared with a training job (nice 5; the tests at nice
     # 10), all passed (SLOPE_LIMIT was 10 then, and set half-way after them). Without the leak the slope was -0.3
     # to +7.5 MiB per 100 requests (the +7.5: the readings stepped up by ~9 MiB half-way; the next largest +4.2),
-    # with it +23.0 to +26.5; a reading's distance from its neighbours is a few MiB. The server is warm when the
+    # with it +23.0 to +26.5 (3 more runs beside two busy loops at nice 5: +0.06 to +1.09, and +21.6 to +25.5);
+    # a reading's distance from its neighbours is a few MiB. The server is warm when the
     # test above ran first; run alone, its own warm-up adds to the slope, which is safe.
     server.switch.touch()
     try:
