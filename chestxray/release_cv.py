@@ -53,6 +53,17 @@ def read_cv(cv_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     return summary, json.loads((cv_dir / "eval" / "metrics.json").read_text())
 
 
+def gate_fold(cv_dir: str | os.PathLike) -> tuple[int, Path]:
+    """The first fold whose run folder still holds its ``manifest.csv`` and that manifest, for the input gate
+    (train on its training films, calibrate on its held-out ones). A fold restored from ``results/cv`` has
+    no manifest (the record keeps small files only), so the fold trained on this machine is used instead."""
+    runs = sorted(Path(cv_dir).glob("fold*/manifest.csv"), key=lambda p: int(p.parent.name[4:] or 0))
+    if not runs:
+        raise ValueError(f"{cv_dir}: no fold holds its manifest.csv (all were restored from a record); run one "
+                         "fold here (chestxray cv --only-fold 0 after removing its DONE) or pass fit_gate=False")
+    return int(runs[0].parent.name[4:]), runs[0]
+
+
 def half_check(best: Path, half: Path, films: list[str]) -> dict[str, Any]:
     """Largest probability difference of the float16 weights to the float32 ones on ``films`` (no AUROC: the
     weights trained on these films), and the two files' sizes."""
@@ -88,6 +99,7 @@ def release_from_cv(run_dir: str | os.PathLike, cv_dir: str | os.PathLike, name:
         raise ValueError(f"{run} is not the cross-validated recipe: "
                          + "; ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items()))
     folds = int(summary["folds"])
+    gate = gate_fold(cv_dir) if fit_gate else None  # checked before the slow steps
     data_root = data_root or train_cfg["data_root"]
     manifest = pd.read_csv(run / "manifest.csv")
     dest = Path(dest_root or weights_dir()) / name
@@ -127,15 +139,14 @@ def release_from_cv(run_dir: str | os.PathLike, cv_dir: str | os.PathLike, name:
         f"{check['n_films']} NIH films the largest probability difference to the float32 weights is "
         f"{check['max_abs_prob_diff']:.2e}.")}
     if fit_gate:
-        # Fitted on fold 0's training films and calibrated on its held-out ones: the all-data weights saw both
+        # Fitted on one fold's training films and calibrated on its held-out ones: the all-data weights saw both
         # (the gate never did), so its false-alarm rates on chest films may read a little low.
-        _, _, gate_rows = fit_from_folder(tmp, data_root, tmp / GATE_FILE, manifest=cv_dir / "fold0" / "manifest.csv",
-                                          print_fn=lambda s: None)
+        _, _, gate_rows = fit_from_folder(tmp, data_root, tmp / GATE_FILE, manifest=gate[1], print_fn=lambda s: None)
         extra["Input gate (is this a frontal chest X-ray?)"] = (
-            "`gate.safetensors` holds this model's input gate (see `chestxray/gate.py`), fitted on fold 0's training "
-            "films and calibrated on its held-out films. These weights trained on both (the gate never did), so "
-            "the false-alarm rates on shared chest films may read low; the TBX11K films and the non-chest files "
-            "were never used by either:\n\n```\n" + format_rows(gate_rows) + "\n```")
+            "`gate.safetensors` holds this model's input gate (see `chestxray/gate.py`), fitted on "
+            f"fold {gate[0]}'s training films and calibrated on its held-out films. These weights trained on both "
+            "(the gate never did), so the false-alarm rates on shared chest films may read low; the TBX11K films "
+            "and the non-chest files were never used by either:\n\n```\n" + format_rows(gate_rows) + "\n```")
     recipe = summary.get("recipe") or "<recipe>"
     extra["Reproduce"] = (
         "```bash\n"

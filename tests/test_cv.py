@@ -192,3 +192,16 @@ def test_release_from_cv_ships_the_cross_validated_figures_thresholds_and_calibr
     assert cli_main(["release", other, "--cv", cfg.out, "--dest", str(tmp_path), "--no-gate"]) != 0
     err = capsys.readouterr().err.strip()
     assert "not the cross-validated recipe: lr" in err and len(err.splitlines()) == 1
+
+
+def test_the_gate_is_fitted_on_the_first_fold_that_kept_its_manifest(tmp_path):
+    """Folds restored from results/cv have no manifest.csv; the release must use one trained here, or say why not."""
+    from chestxray.release_cv import gate_fold
+
+    for i in range(3):
+        (tmp_path / f"fold{i}").mkdir()
+    with pytest.raises(ValueError, match="no fold holds its manifest.csv"):
+        gate_fold(tmp_path)
+    (tmp_path / "fold2" / "manifest.csv").write_text("path,split\n")
+    (tmp_path / "fold1" / "manifest.csv").write_text("path,split\n")
+    assert gate_fold(tmp_path) == (1, tmp_path / "fold1" / "manifest.csv")
