@@ -139,7 +139,9 @@ def fold_logits(run: Path, data_root: str | os.PathLike, progress: bool = True) 
     tmp = path.with_suffix(".tmp")
     out.to_csv(tmp, index=False, float_format="%.6g")
     tmp.rename(path)  # written whole or not at all: a killed run predicts the fold again
-    return out
+    # Read back, not ``out``: the pooled figures must come from the file's rounded logits whether the fold was
+    # predicted in this process or restored from a record, or a re-pooling would not reproduce them.
+    return pd.read_csv(path)
 
 
 def fold_pointing(run: Path, data_root: str | os.PathLike, folder: str = "nih/images_384") -> list[dict[str, Any]]:
