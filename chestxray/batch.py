@@ -20,7 +20,7 @@ import datetime
 import os
 import sys
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from chestxray.gate import GateResult, assess_without_gate
 from chestxray.imaging import ImageReadError, XrayImage, read_image
 from chestxray.predictor import Analysis, Predictor, as_pixels, display_image
-from chestxray.transforms import Preprocess, resize_gray
+from chestxray.transforms import resize_gray
 
 #: Side of the thumbnail the input gate's pixel features start from: ``chestxray.gate.pixel_features`` squashes
 #: every film to 128 x 128 first and computes everything else from that, so a worker sends this thumbnail
@@ -92,7 +92,8 @@ class FilmDataset(Dataset):
     """Reads and preprocesses films (in DataLoader workers); a file that fails becomes a :class:`Film` with
     ``error`` set, so one bad file never ends a run over an archive."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess, display: bool = False):
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Callable[[np.ndarray], torch.Tensor],
+                 display: bool = False):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.display = display

@@ -80,7 +80,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cores = shard.cores()
     workers = max(0, cores - 1) if args.workers is None else args.workers  # the model needs one core at least
     predictor = load_model(args.model or default_model(), device=shard.device())  # an ensemble folder too
-    predictor.preprocess  # noqa: B018 - an ensemble whose members prepare films differently stops here, in one line
     cpu = predictor.device.type == "cpu"
     # On a CPU, one lane a core (the lanes and the decoding workers share the cores, and whichever is ahead
     # waits); a GPU needs one thread to feed it.
@@ -234,10 +233,16 @@ def cmd_recard(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """Builds an ensemble folder (config, thresholds, measured figures beside each member's, plots, card)."""
+    from chestxray.ensemble_cv import build_cv_ensemble
     from chestxray.ensemble_release import build_ensemble
 
     if sys.stderr.isatty() or args.verbose:
         logging.getLogger("chestxray").setLevel(logging.INFO)
+    if args.cv:
+        dest = build_cv_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root,
+                                 n_boot=args.n_boot, timing_runs=args.timing_runs, timing_threads=args.timing_threads)
+        print(f"built {dest}")
+        return 0
     dest = build_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root, n_boot=args.n_boot,
                           localize=not args.no_localize, timing_runs=args.timing_runs,
                           timing_threads=args.timing_threads, reuse=not args.forward_all, progress=True)
@@ -452,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--forward-all", action="store_true",
                     help="run every test film through the members instead of taking their predictions.csv (checked "
                          "against a fresh forward of a few films)")
+    en.add_argument("--cv", action="store_true",
+                    help="members released from cross-validations on the same folds (release --cv): figures and "
+                         "thresholds from their out-of-fold predictions, over every labelled film")
     en.set_defaults(func=cmd_ensemble)
 
     cp = command("compare", "two models' predictions.csv on their common films: each mean AUROC and the paired "

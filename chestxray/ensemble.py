@@ -16,6 +16,7 @@ scale too; raw sigmoids of differently trained models are not comparable numbers
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -34,6 +35,29 @@ from chestxray.imaging import XrayImage
 from chestxray.layout import CheckpointError
 from chestxray.predictor import Analysis, Predictor, as_pixels, as_xray, display_image
 from chestxray.transforms import Preprocess
+
+
+@dataclass(frozen=True)
+class PackedPreprocess:
+    """The members' distinct preprocessings of one film, each flattened and laid side by side in one row
+    (N x sum of C*H*W): what batched prediction stacks and moves as one tensor when the members prepare films
+    differently (e.g. 260 and 320 px). :meth:`unpack` gives each preprocessing its own N x C x H x W input back,
+    so every member still sees exactly its own product path."""
+
+    parts: tuple[Preprocess, ...]
+
+    def __call__(self, img: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(img).flatten(1) for p in self.parts], dim=1)
+
+    def unpack(self, x: torch.Tensor) -> dict[Preprocess, torch.Tensor]:
+        """``{preprocessing: its N x C x H x W input}`` from a packed batch."""
+        chunks = x.split([math.prod(p.input_size) for p in self.parts], dim=1)
+        return {p: c.reshape(-1, *p.input_size) for p, c in zip(self.parts, chunks)}
+
+    @property
+    def input_size(self) -> tuple[int]:
+        """The packed row's length (the members' own sizes are in :attr:`parts`)."""
+        return (sum(math.prod(p.input_size) for p in self.parts),)
 
 
 @dataclass
@@ -133,19 +157,11 @@ class EnsemblePredictor:
         return refs.pop() if len(refs) == 1 else None
 
     @property
-    def preprocess(self) -> Preprocess:
-        """The members' one preprocessing (what batched prediction feeds :meth:`infer`).
-
-        Raises:
-            CheckpointError: the members preprocess films differently (then only :meth:`analyze` and
-                :meth:`predict_batch`, which prepare each member's own input, can run the ensemble).
-        """
-        kinds = {m.preprocess for m in self.members}
-        if len(kinds) > 1:
-            raise CheckpointError(f"{self.name}: its members prepare films differently ("
-                                  + ", ".join(f"{m.name} {m.preprocess.input_size[1]} px" for m in self.members)
-                                  + "); batched prediction needs one input for all: use another model")
-        return kinds.pop()
+    def preprocess(self) -> Preprocess | PackedPreprocess:
+        """What batched prediction feeds :meth:`infer`: the members' one preprocessing, or, when they prepare films
+        differently, all of their inputs packed in one row (:class:`PackedPreprocess`)."""
+        kinds = tuple(dict.fromkeys(m.preprocess for m in self.members))
+        return kinds[0] if len(kinds) == 1 else PackedPreprocess(kinds)
 
     @property
     def split_files(self) -> list[Path]:
@@ -166,7 +182,10 @@ class EnsemblePredictor:
 
     def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass of every member on a batch prepared by :attr:`preprocess` (batched prediction)."""
-        self.preprocess  # noqa: B018 - refuses members that prepare films differently
+        pre = self.preprocess
+        if isinstance(pre, PackedPreprocess):
+            inputs = pre.unpack(x)
+            return self.combine([m.infer(inputs[m.preprocess].to(m.device)) for m in self.members])
         return self.combine([m.infer(x.to(m.device)) for m in self.members])
 
     def _outputs(self, pixels: Sequence[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

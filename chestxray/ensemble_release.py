@@ -162,6 +162,18 @@ def cpu_cost(predictors: dict[str, Any], film: str | os.PathLike, threads: Seque
     return out
 
 
+def stage_ensemble(dest_root: str | os.PathLike | None, name: str, labels: Sequence[str], meta: CkptMeta,
+                   preds: Sequence[Predictor]) -> tuple[Path, Path, EnsemblePredictor]:
+    """The folder's final path, a fresh staging folder beside it holding ``config.json`` (renamed into place once
+    every file is written, so a failed build leaves the shipped folder as it was) and the ensemble over it."""
+    dest = Path(dest_root or weights_dir()) / name
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_FILE).write_text(_json({"label_names": list(labels), **meta.apply({})}))
+    return dest, tmp, EnsemblePredictor.from_folder(tmp, preds)
+
+
 def build_ensemble(members: Sequence[str], name: str, *, dest_root: str | os.PathLike | None = None,
                    data_root: str | os.PathLike | None = None, n_boot: int = 1000, localize: bool = True,
                    timing_runs: int = 15, timing_threads: Sequence[int] = (1,), reuse: bool = True,
@@ -215,12 +227,7 @@ def build_ensemble(members: Sequence[str], name: str, *, dest_root: str | os.Pat
                     training=Training(threshold_rule=rule, val_sources=val_sources, sources=sources,
                                       val_mean_auroc=round(mean_auroc(Yv, Pv), 4), val_mean_auroc_ci=val_ci,
                                       split="patient"))  # the films counted are in metrics
-    dest = Path(dest_root or weights_dir()) / name
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(_json({"label_names": labels, **meta.apply({})}))
-    ensemble = EnsemblePredictor.from_folder(tmp, preds)
+    dest, tmp, ensemble = stage_ensemble(dest_root, name, labels, meta, preds)
 
     # The test films: the ensemble, then every member on the very same films.
     Pm, reuse_check = shipped_test_probabilities(ensemble, test) if reuse else (None, {"reused": False})

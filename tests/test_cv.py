@@ -15,7 +15,7 @@ import torch
 
 from chestxray import cv
 from chestxray.calibration import sigmoid
-from chestxray.data import load_sources, patient_folds
+from chestxray.data import load_sources, patient_folds, read_manifest
 from chestxray.evaluate import predict_paths
 from chestxray.labels import get_label_set
 from chestxray.metrics import mean_auroc
@@ -213,3 +213,82 @@ def test_the_gate_is_fitted_on_the_first_fold_that_kept_its_manifest(tmp_path):
     (tmp_path / "fold2" / "manifest.csv").write_text("path,split\n")
     (tmp_path / "fold1" / "manifest.csv").write_text("path,split\n")
     assert gate_fold(tmp_path) == (1, tmp_path / "fold1" / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def cv_members(cv_run, all_data_run, tmp_path_factory):
+    """Two cross-validated recipes on the same folds (the second with another learning rate, the same seed),
+    each trained once more on every film and released: ``<root>/{m1, m2}``, as weights/ holds them."""
+    from chestxray.release_cv import release_from_cv
+    from chestxray.training import train
+
+    cfg, _ = cv_run
+    base = os.path.dirname(cfg.out)
+    cfg2 = dataclasses.replace(cfg, lr=cfg.lr / 3, out=os.path.join(base, "cv2"))
+    cv.run_cv(cfg2, FOLDS, localize=False, progress=False)
+    all2 = dataclasses.replace(cfg2, split="all", select="last", out=os.path.join(base, "all2"))
+    train(all2)
+    root = tmp_path_factory.mktemp("cv_members")
+    release_from_cv(all_data_run.out, cfg.out, "m1", dest_root=root, fit_gate=False)
+    release_from_cv(all2.out, cfg2.out, "m2", dest_root=root, fit_gate=False)
+    return root
+
+
+def test_a_cv_ensemble_is_the_mean_of_its_members_out_of_fold_probabilities(cv_members, cv_run, data_dir,
+                                                                            monkeypatch, capsys):
+    from chestxray.ckpt_config import CkptMeta
+    from chestxray.cli import main as cli_main
+    from chestxray.ensemble import EnsemblePredictor, load_model
+    from chestxray.ensemble_cv import build_cv_ensemble
+    from chestxray.imaging import read_image
+    from chestxray.metrics import choose_threshold
+    from tests.helpers import make_checkpoint
+
+    monkeypatch.setenv("CHESTXRAY_WEIGHTS", str(cv_members))
+    cfg, _ = cv_run
+    films = read_manifest(cfg.csv, cfg.images, get_label_set("nih14"), source="labels")  # its own label file
+    dest = build_cv_ensemble(["m1", "m2"], "mm", data_root=data_dir, n_boot=50, timing_runs=0, manifest=films)
+    oof = pd.concat([pd.read_csv(os.path.join(cfg.out, f"fold{i}", cv.OOF_FILE)) for i in range(FOLDS)])
+    oof = oof.assign(image=oof["image"].map(os.path.basename)).set_index("image").sort_index()
+    labels = [c[len(cv.LOGIT):] for c in oof.columns if c.startswith(cv.LOGIT)]
+    members = [pd.read_csv(cv_members / m / "predictions.csv").set_index("image").loc[oof.index, labels]
+               for m in ("m1", "m2")]
+    # The mean of the members' shipped out-of-fold probabilities, as the ensemble takes it (float32, torch mean).
+    P = torch.from_numpy(np.stack([m.to_numpy(np.float32) for m in members])).mean(dim=0).numpy().astype(np.float64)
+    Y = oof[labels].to_numpy(np.float64)
+    bal = (oof["cohort"] == "reproduce_chexnet").to_numpy()
+    meta = CkptMeta.read(dest)
+    assert meta.metrics.split == "out-of-fold" and meta.metrics.extra["cross_validation"]["folds"] == FOLDS
+    assert meta.metrics.mean_auroc["reproduce_chexnet"] == pytest.approx(mean_auroc(Y[bal], P[bal]), abs=1e-4)
+    for i, k in enumerate(labels):  # fitted on the balanced films' mean out-of-fold probabilities, by the rule
+        assert meta.thresholds[k] == pytest.approx(choose_threshold(Y[bal, i], P[bal, i], "spec90"), abs=1e-6)
+    metrics = json.loads((dest / "metrics.json").read_text())
+    for i, m in enumerate(("m1", "m2")):  # each member's row: its own shipped out-of-fold probabilities, same films
+        row = metrics["members"][m]["mean_auroc"]["reproduce_chexnet"]["mean_auroc"]
+        assert row == pytest.approx(mean_auroc(Y[bal], members[i].to_numpy(np.float64)[bal]), abs=1e-6)
+        # its card's figure, from float32 probabilities: 5 decimals can break a few ties of a near-chance model
+        assert row == pytest.approx(CkptMeta.read(cv_members / m).metrics.mean_auroc["reproduce_chexnet"], abs=0.01)
+        assert set(metrics["paired_against_members"][m]) == {"reproduce_chexnet"}  # no nih384 films here
+    card = (dest / "README.md").read_text()
+    assert f"## Cross-validated results ({FOLDS}-fold, out of fold)" in card and "no shared film can test them" in card
+    assert "test films in every member" not in card
+    # The folder serves like any ensemble: the mean of the all-data members on a film.
+    ens = load_model(str(dest))
+    assert isinstance(ens, EnsemblePredictor)
+    xray = read_image(data_dir / "nih/images_384/00000100_000.png")
+    expect = np.mean([m.analyze(xray).probs for m in ens.members], axis=0)
+    np.testing.assert_allclose(ens.analyze(xray).probs, expect, atol=1e-6)
+    # Members cross-validated on other folds, or not cross-validated at all, are refused in one line.
+    other = cv_members / "m3"
+    shutil.copytree(cv_members / "m2", other)
+    c = json.loads((other / "config.json").read_text())
+    c["chestxray"]["training"]["recipe"]["seed"] = 7
+    (other / "config.json").write_text(json.dumps(c))
+    assert cli_main(["ensemble", "--cv", "--name", "bad", "--members", "m1", "m3", "--dest", str(cv_members),
+                     "--data-root", str(data_dir), "--timing-runs", "0"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "differ in their cross-validation folds" in err and len(err.splitlines()) == 1
+    make_checkpoint(cv_members / "plain", seed=4)
+    with pytest.raises(Exception, match="was not released from a cross-validation"):
+        build_cv_ensemble(["m1", "plain"], "bad", data_root=data_dir, timing_runs=0, manifest=films)
+

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from chestxray.cam import upsample
 from chestxray.checkpoint import load_folder
@@ -103,11 +104,28 @@ def test_card_of_the_tiny_ensemble(tiny_env):
     assert card_summary(card).startswith("ab: ensemble")
 
 
-def test_batched_prediction_refuses_members_that_prepare_films_differently(tiny_env, data_dir, capsys):
-    film = str(data_dir / "nih/images_384/00000100_000.png")
-    assert main(["predict", "--model", "ab", "--workers", "0", film]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "prepare films differently" in err[0] and "a 64 px, b 128 px" in err[0]
+def test_batched_prediction_packs_each_members_own_input_when_they_prepare_films_differently(tiny_env, data_dir,
+                                                                                            tmp_path):
+    """a (64 px) and b (128 px): `chestxray predict` carries both inputs of each film in one packed row, and each
+    member gets exactly its own preprocessing back, so the CSV equals `analyze` film by film."""
+    from chestxray.ensemble import PackedPreprocess
+
+    ens = tiny_env.get("ab")
+    pre = ens.preprocess
+    assert isinstance(pre, PackedPreprocess) and [p.size for p in pre.parts] == [(64, 64), (128, 128)]
+    xray = read_image(data_dir / FILM)
+    inputs = pre.unpack(torch.cat([pre(xray.pixels), pre(xray.pixels)]))
+    for m in ens.members:
+        assert torch.equal(inputs[m.preprocess], torch.cat([m.preprocess(xray.pixels)] * 2))
+    films = [data_dir / FILM, data_dir / "nih/images_384/00000129_000.png", data_dir / "nih/images_384/00000100_000.png"]
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", "ab", "--workers", "0", "--batch-size", "2", "--out", str(out),
+                 *map(str, films)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(films)
+    for row, film in zip(rows, films):
+        a = ens.analyze(read_image(film))
+        assert np.allclose([float(row[k]) for k in a.labels], a.probs, atol=1.01e-5) and row["error"] == ""
 
 
 def test_config_block_round_trips():
@@ -249,3 +267,25 @@ def test_thresholds_are_spec90_on_every_members_validation_films(shipped, data_d
     Y = val[ens.labels].to_numpy(np.float64)
     for i, k in enumerate(ens.labels):
         assert ens.thresholds[k] == pytest.approx(choose_threshold(Y[:, i], P[:, i], "spec90"), abs=1e-6), k
+
+
+def test_the_shipped_cv_ensemble_is_rebuilt_from_its_members_out_of_fold_predictions(data_dir, tmp_path):
+    """weights/ensemble_cv's thresholds and figures come back from its members' shipped out-of-fold
+    predictions.csv (`chestxray ensemble --cv`, its card's Reproduce line), and a film's fresh forward through the
+    all-data members agrees with the mean of the members' own analyses."""
+    from chestxray.ensemble import load_model
+    from chestxray.ensemble_cv import build_cv_ensemble
+
+    folder = REPO / "weights" / "ensemble_cv"
+    shipped = CkptMeta.read(folder)
+    assert shipped.metrics.split == "out-of-fold" and len(shipped.ensemble.members) >= 2
+    again = CkptMeta.read(build_cv_ensemble(shipped.ensemble.members, "ensemble_cv", dest_root=tmp_path,
+                                            data_root=data_dir, n_boot=20, timing_runs=0))
+    assert again.thresholds == shipped.thresholds
+    assert again.metrics.n_test_images == shipped.metrics.n_test_images
+    for g, v in shipped.metrics.mean_auroc.items():
+        assert again.metrics.mean_auroc[g] == pytest.approx(v, abs=1e-6), g
+    ens = load_model(str(folder))
+    xray = read_image(data_dir / FILM)
+    np.testing.assert_allclose(ens.analyze(xray).probs, np.mean([m.analyze(xray).probs for m in ens.members], axis=0),
+                               atol=1e-6)
