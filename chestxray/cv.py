@@ -65,8 +65,11 @@ RECORD_SUMMARY = (SUMMARY_FILE, "eval/metrics.json", "eval/roc.png", "eval/relia
 
 
 def fold_config(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) -> TrainConfig:
-    """Fold ``fold``'s training run: the recipe with ``folds``/``fold`` set, a fixed schedule, resumable."""
-    return dataclasses.replace(cfg, folds=folds, fold=fold, select="last", resume=True,
+    """Fold ``fold``'s training run: the recipe with ``folds``/``fold`` set, a fixed schedule, resumable; with
+    ``teacher_cv``, taught by that cross-validation's fold-``fold`` model (which never trained on this fold's
+    held-out patients: :func:`chestxray.data.folds_from_cv` keeps its folds)."""
+    teacher = [str(Path(cfg.teacher_cv) / f"fold{fold}" / "best")] if cfg.teacher_cv else list(cfg.teacher)
+    return dataclasses.replace(cfg, folds=folds, fold=fold, select="last", resume=True, teacher=teacher,
                                out=str(Path(out) / f"fold{fold}"), push_to_hub=None)
 
 
@@ -76,6 +79,10 @@ def run_fold(cfg: TrainConfig, folds: int, fold: int, out: str | os.PathLike) ->
     run = Path(fcfg.out)
     if not (run / "DONE").exists():
         from chestxray.training import train
+
+        if cfg.teacher_cv and not (Path(fcfg.teacher[0]) / "model.safetensors").is_file():
+            raise ValueError(f"teacher_cv: {fcfg.teacher[0]} holds no weights (a fold restored from a record has "
+                             "none): train that cross-validation's folds on this machine first")
 
         t0 = time.perf_counter()
         train(fcfg)

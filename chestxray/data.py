@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -270,6 +271,38 @@ def patient_folds(df: pd.DataFrame, k: int, seed: int = 0, cohorts: Sequence[str
     if rest.any():
         groups[rest] = stratified_groups(df[rest], fracs, seed).to_numpy()
     return groups.str.slice(4).astype(int).rename("fold")
+
+
+def folds_from_cv(df: pd.DataFrame, cv_dir: str | os.PathLike, k: int, data_root: str | os.PathLike, seed: int = 0,
+                  cohorts: Sequence[str] = ()) -> pd.Series:
+    """The folds of an earlier cross-validation for the patients it had; :func:`patient_folds` for the others.
+
+    A student cross-validated with a teacher's fold models (``teacher_cv``) must hold out exactly the patients the
+    teacher's fold model held out, or it would be scored on films its teacher trained on. The earlier folds are
+    read from its ``fold<i>/oof.csv`` files (every held-out film: image path under ``data_root``, patient, fold);
+    a patient with a film there keeps that fold for all its films, and the patients it never had (a source it did
+    not train on) are folded anew among themselves.
+
+    Raises:
+        ValueError: ``cv_dir`` holds another number of folds than ``k``, or a fold's ``oof.csv`` is missing.
+    """
+    cv_dir = Path(cv_dir)
+    files = sorted(cv_dir.glob("fold*/oof.csv"))
+    if len(files) != k:
+        raise ValueError(f"teacher_cv {cv_dir}: {len(files)} folds with oof.csv, the recipe has {k}: finish that "
+                         "cross-validation first, with the same fold count")
+    earlier = pd.concat([pd.read_csv(f, usecols=["image", "patient", "fold"]) for f in files], ignore_index=True)
+    by_film = dict(zip(earlier["image"], earlier["fold"]))
+    root = Path(data_root).resolve()
+    rel = [Path(p).resolve().relative_to(root).as_posix() if Path(p).resolve().is_relative_to(root) else None
+           for p in df["path"]]
+    film_fold = pd.Series([by_film.get(r) for r in rel], index=df.index, dtype=float)
+    per_patient = film_fold.dropna().groupby(df["patient"]).first()
+    fold = df["patient"].map(per_patient)
+    new = fold.isna().to_numpy()
+    if new.any():
+        fold[new] = patient_folds(df[new], k, seed=seed, cohorts=cohorts).to_numpy()
+    return fold.astype(int).rename("fold")
 
 
 def stratified_groups(df: pd.DataFrame, fracs: Mapping[str, float], seed: int = 0,

@@ -56,6 +56,8 @@ HELP = {
     "pretrained": "start from ImageNet weights (timm's, or the offline ones where available)",
     "teacher": "distil from these checkpoints (names, folders or hf-hub: references)",
     "kd_weight": "weight of the teachers' soft targets in the loss",
+    "teacher_cv": ("in cross-validation, a teacher's cross-validation folder: fold i is taught by its fold-i model, "
+                   "and its patients keep their folds"),
     "split_from": "keep an earlier run's (or checkpoint's) split for the images it had",
     "init_from": "start from this checkpoint's backbone (name or folder; same architecture, new classifier)",
     "amp": "bf16/fp16 autocast (GPU only)",

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from chestxray.checkpoint import init_from_checkpoint, save_checkpoint
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
-                            cohort_patient_split, format_label_counts, load_sources, masked_bce_loss,
-                            parse_cohort_fracs, patient_folds, pos_weights, read_manifest, split_from_lists)
+                            cohort_patient_split, folds_from_cv, format_label_counts, load_sources,
+                            masked_bce_loss, parse_cohort_fracs, patient_folds, pos_weights, read_manifest, split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
@@ -80,6 +80,9 @@ class TrainConfig:
     pretrained: bool = False
     teacher: list[str] = field(default_factory=list)  # distil from these checkpoints (soft targets)
     kd_weight: float = 1.0  # loss = BCE(known labels) + kd_weight * BCE(teacher probabilities)
+    # In cross-validation: a teacher's cross-validation folder; fold i is taught by its fold-i model (instead of
+    # ``teacher``) and keeps its folds for the patients it had, so no student is scored on its teacher's films.
+    teacher_cv: str | None = None
     split_from: str | None = None  # keep an earlier run's split (a teacher's) for the images it had
     init_from: str | None = None  # start from a released checkpoint's backbone (chest features), new head
     amp: bool = True  # bf16/fp16 autocast on GPU only
@@ -130,7 +133,9 @@ def build_manifest(cfg: TrainConfig, labels: list[str]):
     else:
         df = load_sources(cfg.sources, cfg.data_root, labels)
     if cfg.folds:  # cross-validation: the cohorts given larger held-out shares are folded on their own
-        df["fold"] = patient_folds(df, cfg.folds, seed=cfg.seed, cohorts=list(parse_cohort_fracs(cfg.cohort_fracs)))
+        cohorts = list(parse_cohort_fracs(cfg.cohort_fracs))
+        df["fold"] = (folds_from_cv(df, cfg.teacher_cv, cfg.folds, cfg.data_root, seed=cfg.seed, cohorts=cohorts)
+                      if cfg.teacher_cv else patient_folds(df, cfg.folds, seed=cfg.seed, cohorts=cohorts))
         df["split"] = np.where(df["fold"] == cfg.fold, "val", "train").astype(object)
     elif cfg.split == "all":  # the thresholds and the estimate come from the recipe's cross-validation
         df["split"] = "train"

@@ -292,3 +292,36 @@ def test_a_cv_ensemble_is_the_mean_of_its_members_out_of_fold_probabilities(cv_m
     with pytest.raises(Exception, match="was not released from a cross-validation"):
         build_cv_ensemble(["m1", "plain"], "bad", data_root=data_dir, timing_runs=0, manifest=films)
 
+
+def test_a_student_cross_validated_with_teacher_cv_holds_out_exactly_its_fold_teachers_patients(cv_run, data_dir,
+                                                                                                tmp_path):
+    """Fold i of the student is taught by the teacher's fold-i model and holds out the patients that model held
+    out; films of patients the teacher never had are folded anew among themselves, each patient in one fold."""
+    from chestxray.training import build_manifest
+
+    cfg, _ = cv_run
+    teacher = pd.concat([pd.read_csv(os.path.join(cfg.out, f"fold{i}", cv.OOF_FILE)) for i in range(FOLDS)])
+    labels = pd.read_csv(data_dir / "nih/images_384/labels.csv")
+    full = read_manifest(data_dir / "nih/images_384/labels.csv", cfg.images, get_label_set("nih14"), source="labels")
+    never = full.loc[~full["patient"].isin(teacher["patient"]), "path"].map(os.path.basename)
+    extra = labels[labels["Image Index"].isin(set(never))].head(12)  # films of patients the teacher never had
+    csv_path = tmp_path / "labels.csv"
+    pd.concat([pd.read_csv(cfg.csv), extra]).to_csv(csv_path, index=False)
+    student = dataclasses.replace(cfg, arch="resnet10t", csv=str(csv_path), teacher_cv=cfg.out, epochs=1,
+                                  out=str(tmp_path / "student"))
+    for i in range(FOLDS):
+        fcfg = cv.fold_config(student, FOLDS, i, student.out)
+        assert fcfg.teacher == [os.path.join(cfg.out, f"fold{i}", "best")]
+        m = build_manifest(fcfg, get_label_set("nih14"))
+        held = m[m["split"] == "val"]
+        old = held[held["patient"].isin(teacher["patient"])]
+        assert set(old["patient"]) == set(teacher.loc[teacher["fold"] == i, "patient"])
+    assert m["fold"].groupby(m["patient"]).nunique().max() == 1
+    new = m[~m["patient"].isin(teacher["patient"])]
+    assert len(new) == len(extra) and new["fold"].nunique() > 1
+    summary = cv.run_fold(student, FOLDS, 0, student.out)  # trains on the teacher's soft targets of fold 0
+    assert list(summary.glob("teacher_probs_*.npy"))
+    saved = json.loads((summary / "train_config.json").read_text())
+    assert saved["teacher"] == [os.path.join(cfg.out, "fold0", "best")] and saved["teacher_cv"] == cfg.out
+    with pytest.raises(ValueError, match="3 folds with oof.csv, the recipe has 4"):
+        build_manifest(dataclasses.replace(student, folds=4, fold=0), get_label_set("nih14"))
