@@ -294,8 +294,8 @@ def folds_from_cv(df: pd.DataFrame, cv_dir: str | os.PathLike, k: int, data_root
     earlier = pd.concat([pd.read_csv(f, usecols=["image", "patient", "fold"]) for f in files], ignore_index=True)
     by_film = dict(zip(earlier["image"], earlier["fold"]))
     root = Path(data_root).resolve()
-    rel = [Path(p).resolve().relative_to(root).as_posix() if Path(p).resolve().is_relative_to(root) else None
-           for p in df["path"]]
+    paths = [Path(p).resolve() for p in df["path"]]
+    rel = [p.relative_to(root).as_posix() if p.is_relative_to(root) else None for p in paths]
     film_fold = pd.Series([by_film.get(r) for r in rel], index=df.index, dtype=float)
     per_patient = film_fold.dropna().groupby(df["patient"]).first()
     fold = df["patient"].map(per_patient)

@@ -54,11 +54,6 @@ class PackedPreprocess:
         chunks = x.split([math.prod(p.input_size) for p in self.parts], dim=1)
         return {p: c.reshape(-1, *p.input_size) for p, c in zip(self.parts, chunks)}
 
-    @property
-    def input_size(self) -> tuple[int]:
-        """The packed row's length (the members' own sizes are in :attr:`parts`)."""
-        return (sum(math.prod(p.input_size) for p in self.parts),)
-
 
 @dataclass
 class EnsembleCheckpoint:

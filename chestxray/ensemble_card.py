@@ -124,11 +124,12 @@ def write_ensemble_card(folder: str | Path, *, name: str, config: dict[str, Any]
         *comparison_table(compared, name, headline_group), "",
         *(["The members' rows are computed here from their own shipped out-of-fold probabilities of the same films "
            "(5 decimals: an AUROC can differ from its card's in the third decimal; the CIs are resampled here). "
-           + _paired_lines(metrics.get("paired_against_members") or {}, headline_group) + " The pointing game needs every "
-           "member's fold weights to draw the ensemble's heatmaps out of fold, and the record keeps none, so the "
-           "ensemble has no heatmap figure; the members' column is their own folds' (each fold model on its "
-           "held-out boxed films). A paired comparison (`chestxray compare A/predictions.csv B/predictions.csv "
-           "--cohort reproduce_chexnet`) says whether a difference is more than the films' noise.", ""] if cv else
+           + _paired_lines(metrics.get("paired_against_members") or {}, headline_group)
+           + " The pointing game needs every member's fold weights to draw the ensemble's heatmaps out of fold, and "
+           "the record keeps none, so the ensemble has no heatmap figure; the members' column is their own folds' "
+           "(each fold model on its held-out boxed films). A paired comparison (`chestxray compare "
+           "A/predictions.csv B/predictions.csv --cohort reproduce_chexnet`) says whether a difference is more than "
+           "the films' noise.", ""] if cv else
           ["The balanced test set is small: CIs overlapping this much mean the models are not distinguishable on "
            "it. The heatmap column is the pointing game on the boxed NIH films no member trained on (the members' "
            "figures are from their cards: the same boxed films, since NIH films share one split).", ""]),
@@ -217,7 +218,7 @@ def _cv_method(cv: dict[str, Any], rule: str | None, chosen: dict[str, Any], val
         f"## Cross-validated results ({cv['folds']}-fold, out of fold)", "",
         "Every member is the all-data release of a cross-validated recipe: its weights saw every shared film, so no "
         "shared film can test them, nor this ensemble. The members were cross-validated on the same patient-wise "
-        f"folds (same fold count, seed, sources and caps; checked when this folder was built), so each of the "
+        "folds (same fold count, seed, sources and caps; checked when this folder was built), so each of the "
         f"{cv['n_films']} films' out-of-fold probability of every member (its `predictions.csv`) comes from a fold "
         "model that never trained on that patient, and their mean is the out-of-fold probability of the mean of "
         "those fold models: this ensemble, cross-validated."]

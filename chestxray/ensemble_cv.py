@@ -35,8 +35,8 @@ import pandas as pd
 
 from chestxray.ckpt_config import CkptMeta, Ensemble, Training
 from chestxray.ensemble import member_folder
-from chestxray.ensemble_release import (TIMING_FILM, _json, agreed, cpu_cost, figures, mean_probabilities,
-                                        member_figures, stage_ensemble)
+from chestxray.ensemble_release import (TIMING_FILM, _json, agreed, cpu_cost, figures, in_cohorts,
+                                        mean_probabilities, member_figures, stage_ensemble)
 from chestxray.evaluate import evaluate_manifest
 from chestxray.layout import CONFIG_FILE, CheckpointError, default_data_root
 from chestxray.metrics import bootstrap_mean_auroc_ci, choose_threshold, mean_auroc, to_json
@@ -99,8 +99,7 @@ def paired_against_members(films: pd.DataFrame, Y: np.ndarray, Pm: np.ndarray, P
     from chestxray.compare import paired_difference
     from chestxray.sources import MIXED_GROUP
 
-    cohort = (films["cohort"] if "cohort" in films.columns else films["source"]).to_numpy()
-    rows = {HEADLINE_GROUP: cohort == HEADLINE_GROUP, MIXED_GROUP: films["source"].to_numpy() == MIXED_GROUP}
+    rows = {HEADLINE_GROUP: in_cohorts(films, [HEADLINE_GROUP]), MIXED_GROUP: films["source"].to_numpy() == MIXED_GROUP}
     out: dict[str, dict[str, Any]] = {}
     for i, m in enumerate(members):
         out[m] = {}
@@ -144,17 +143,14 @@ def build_cv_ensemble(members: Sequence[str], name: str, *, dest_root: str | os.
     films, Pm = out_of_fold_films(preds, data_root, protocol["sources"], manifest)
     P = mean_probabilities(Pm).astype(np.float64)
     Y = films[labels].to_numpy(np.float64)
-    cohort = films["cohort"] if "cohort" in films.columns else films["source"]
-    fit = ((cohort.isin(val_sources) | films["source"].isin(val_sources)).to_numpy() if val_sources
-           else np.ones(len(films), dtype=bool))
+    fit = in_cohorts(films, val_sources) if val_sources else np.ones(len(films), dtype=bool)
     thresholds = {k: round(float(choose_threshold(Y[fit, i], P[fit, i], rule)), 6) for i, k in enumerate(labels)}
-    sizes = {p.preprocess.input_size[-1] for p in preds}
+    sizes = {m: p.preprocess.input_size[-1] for m, p in zip(members, preds)}
     folds = int(protocol["folds"])
     meta = CkptMeta(label_set=label_set, thresholds=thresholds,
                     ensemble=Ensemble(members=list(members), gate=members[0],
-                                      img_size=next(iter(sizes)) if len(sizes) == 1 else None,
-                                      extra={"input_sizes": {m: p.preprocess.input_size[-1]
-                                                             for m, p in zip(members, preds)}}),
+                                      img_size=next(iter(sizes.values())) if len(set(sizes.values())) == 1 else None,
+                                      extra={"input_sizes": sizes}),
                     training=Training(threshold_rule=rule, val_sources=val_sources, sources=protocol["sources"],
                                       val_mean_auroc=round(mean_auroc(Y[fit], P[fit]), 4),
                                       val_mean_auroc_ci=[round(float(x), 4)

@@ -115,9 +115,14 @@ def member_figures(predictor: Predictor, test: pd.DataFrame, probs: np.ndarray, 
     return figures({"by_group": groups}, loc)
 
 
-def _in_cohorts(df: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+def in_cohorts(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """Which rows are of one of ``names``, by cohort (e.g. ``reproduce_chexnet``) or by source (a boolean mask)."""
     cohort = df["cohort"] if "cohort" in df.columns else df["source"]
-    return df[(cohort.isin(names) | df["source"].isin(names)).to_numpy()].reset_index(drop=True)
+    return (cohort.isin(names) | df["source"].isin(names)).to_numpy()
+
+
+def _in_cohorts(df: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    return df[in_cohorts(df, names)].reset_index(drop=True)
 
 
 def figures(metrics: dict[str, Any], loc: dict[str, Any] | None = None) -> dict[str, Any]:

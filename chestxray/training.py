@@ -28,7 +28,8 @@ from chestxray.checkpoint import init_from_checkpoint, save_checkpoint
 from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
                             cohort_patient_split, folds_from_cv, format_label_counts, load_sources,
-                            masked_bce_loss, parse_cohort_fracs, patient_folds, pos_weights, read_manifest, split_from_lists)
+                            masked_bce_loss, parse_cohort_fracs, patient_folds, pos_weights, read_manifest,
+                            split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
