@@ -155,7 +155,7 @@ def build_cv_ensemble(members: Sequence[str], name: str, *, dest_root: str | os.
                                       val_mean_auroc=round(mean_auroc(Y[fit], P[fit]), 4),
                                       val_mean_auroc_ci=[round(float(x), 4)
                                                          for x in bootstrap_mean_auroc_ci(Y[fit], P[fit], n_boot)],
-                                      split="patient",
+                                      split="all",  # as its members: no shared film is held out
                                       trained_on=f"every member: every labelled film of the sources; estimate: "
                                                  f"{folds}-fold cross-validation on shared folds, out of fold"))
     dest, tmp, ensemble = stage_ensemble(dest_root, name, labels, meta, preds)
