@@ -135,7 +135,7 @@ def test_mobilenetv2_is_torchvisions_imagenet_network(film):
 def test_conversion_refuses_a_file_whose_checksum_is_not_the_published_one(tmp_path, monkeypatch):
     fake = tmp_path / "mobilenet_v2-b0353104.pth"
     torch.save({"w": torch.zeros(1)}, fake)
-    monkeypatch.setattr(pretrained, "wheel_file", lambda lite: fake)
+    monkeypatch.setattr(pretrained, "wheel_file", lambda source: fake)
     with pytest.raises(pretrained.PretrainedError, match="not the published file"):
         pretrained.convert("mobilenetv2_100", tmp_path / "out")
     assert not (tmp_path / "out").exists()
