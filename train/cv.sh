@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}} HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+source train/env.sh
 CFG=${1:-train/configs/cv/efficientnet_lite0.yaml}
 FOLDS=$("$PY" -c "import sys; from chestxray.recipes import load_recipe; print(load_recipe(sys.argv[1]).get('folds') or 5)" "$CFG")
 RECORD=${CV_RECORD:-results/cv/$(basename "$CFG" .yaml)}

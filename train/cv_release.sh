@@ -11,6 +11,6 @@ NAME=${1:?usage: bash train/cv_release.sh <recipe name under train/configs/cv an
 CV=train/configs/cv/$NAME.yaml ALL=train/configs/all/$NAME.yaml
 out() { "$PY" -c "import sys; from chestxray.recipes import load_recipe; print(load_recipe(sys.argv[1])['out'])" "$1"; }
 bash train/cv.sh "$CV"
-export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}} HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+source train/env.sh
 "$PY" -m chestxray train --config "$ALL" --resume true
 "$PY" -m chestxray release "$(out "$ALL")" --cv "$(out "$CV")" --name "$NAME"

@@ -7,9 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-# Torch threads for training: on a shared 2-core machine one thread per process is steadier
-# (two threads collapse when another process takes a core); set TRAIN_THREADS=2 on an idle machine.
-export OMP_NUM_THREADS=${TRAIN_THREADS:-${OMP_NUM_THREADS:-2}}
+source train/env.sh
 ARCHS=("$@")
 [ ${#ARCHS[@]} -gt 0 ] || mapfile -t ARCHS < <("$PY" -m chestxray.recipes)
 for arch in "${ARCHS[@]}"; do

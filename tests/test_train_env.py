@@ -1,0 +1,60 @@
+"""train/env.sh: every training script runs under it, and its allocator settings keep freed tensors mapped."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_train_step import TUNED
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Three training steps of a small conv net whose activations are 64 MiB (above glibc's largest dynamic mmap
+# threshold, 32 MiB), as a batch's are; prints the minor page faults of each step after the first.
+PROBE = """
+import json, resource, torch
+torch.manual_seed(0); torch.set_num_threads(1)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 1, 3, padding=1))
+x = torch.randn(8, 1, 256, 256)
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net.zero_grad(set_to_none=True)
+    net(x).square().mean().backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults[1:]))
+"""
+
+
+def run_probe(env_sh: bool) -> list[int]:
+    prefix = "source train/env.sh && " if env_sh else "unset MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ " \
+                                                      "MALLOC_TOP_PAD_ && "
+    out = subprocess.run(["bash", "-c", prefix + f'exec "{sys.executable}" -c "$PROBE"'], cwd=REPO, check=True,
+                         capture_output=True, text=True, env={"PROBE": PROBE, "PATH": "/usr/bin:/bin"}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("script", ["train/cv.sh", "train/cv_release.sh", "train/train_all.sh"])
+def test_every_training_script_sources_env_sh_before_it_trains(script):
+    lines = [line.strip() for line in (REPO / script).read_text().splitlines() if not line.lstrip().startswith("#")]
+    commands = ('"$PY" -m chestxray train', '"$PY" -m chestxray cv', '"$PY" train/train.py')
+    trains = [i for i, line in enumerate(lines) if any(cmd in line for cmd in commands)]
+    assert trains and "source train/env.sh" in lines[:trains[0]], script
+
+
+def test_env_sh_sets_the_benchmarks_values():
+    out = subprocess.run(["bash", "-c", "source train/env.sh && env"], cwd=REPO, check=True, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert {k: env.get(k) for k in TUNED} == TUNED
+    assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == "2"
+
+
+def test_env_sh_keeps_freed_activations_mapped_between_steps():
+    default, tuned = run_probe(env_sh=False), run_probe(env_sh=True)
+    # glibc's default maps every step's activations afresh: ~150,000 faults a step (64 MiB is 16,384 pages)
+    assert min(default) > 50_000, default
+    assert max(tuned) < min(default) / 4, (tuned, default)  # here 0 or one 16,384 a step
