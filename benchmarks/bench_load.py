@@ -156,7 +156,7 @@ class LoadResult:
 
     outcomes: Counter = field(default_factory=Counter)  # ok / refused / error
     latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the failures' messages (not the refusals')
     samples: list[Sample] = field(default_factory=list)  # after every window (fire's ``window``)
 
     @property
@@ -243,13 +243,13 @@ def fire(url: str, n_requests: int, n_clients: int, model: str | None, images: l
                         call(str(images[i % len(images)]))
                         outcome, msg = "ok", None
                     except Exception as err:  # noqa: BLE001 - every failure is classified and counted
-                        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                         outcome = "refused" if "queue is full" in msg.lower() else "error"
                     with lock:
                         result.outcomes[outcome] += 1
                         if outcome == "ok":
                             result.latencies.append(time.perf_counter() - t)
-                        elif msg:
+                        elif outcome == "error":  # the failures alone: a refusal is counted, its text is known
                             result.errors.append(msg)
                 barrier.wait()
         except threading.BrokenBarrierError:
