@@ -262,6 +262,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"A {args.a}: {r['a']:.3f}\nB {args.b}: {r['b']:.3f}")
     print(f"B - A: {r['difference']:+.3f} (paired bootstrap 95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}, "
           f"{args.n_boot} resamples; B higher in {100 * r['p_b_better']:.0f}% of them)")
+    if r["n_undefined"]:
+        print(f"note: {r['n_undefined']} of the {args.n_boot} resamples had no AUROC for any label (too few "
+              "positives or negatives among these films) and were left out")
     return 0
 
 

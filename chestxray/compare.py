@@ -41,8 +41,9 @@ def paired_difference(Y: np.ndarray, PA: np.ndarray, PB: np.ndarray, n_boot: int
         n_boot: bootstrap replicates (films resampled jointly for both models).
 
     Returns:
-        ``{"a", "b", "difference", "ci", "p_b_better"}``; ``p_b_better`` is the share of replicates where B
-        scores higher (a description of the resampling, not a significance test).
+        ``{"a", "b", "difference", "ci", "p_b_better", "n_undefined"}``; ``p_b_better`` is the share of the
+        defined replicates where B scores higher (a description of the resampling, not a significance test);
+        ``n_undefined`` counts the replicates with no AUROC for any label, left out of both.
     """
     Y, PA, PB = (np.asarray(x, dtype=np.float64) for x in (Y, PA, PB))
     if not (Y.shape == PA.shape == PB.shape) or Y.ndim != 2 or not len(Y):
@@ -51,9 +52,12 @@ def paired_difference(Y: np.ndarray, PA: np.ndarray, PB: np.ndarray, n_boot: int
     rng = np.random.default_rng(seed)
     diffs = np.array([_mean_auroc(Y[i], PB[i]) - _mean_auroc(Y[i], PA[i])
                       for i in (rng.integers(0, len(Y), len(Y)) for _ in range(n_boot))])
-    lo, hi = np.nanpercentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if n_boot else (np.nan, np.nan)
+    # A replicate where every label lacks a positive or a negative has no AUROC (few films, a rare class): it
+    # counts in neither the CI nor the share where B is higher, and the caller is told how many there were.
+    ok = diffs[np.isfinite(diffs)]
+    lo, hi = np.percentile(ok, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(ok) else (np.nan, np.nan)
     return {"a": a, "b": b, "difference": b - a, "ci": [float(lo), float(hi)],
-            "p_b_better": float(np.mean(diffs > 0)) if n_boot else None}
+            "p_b_better": float(np.mean(ok > 0)) if len(ok) else None, "n_undefined": int(n_boot - len(ok))}
 
 
 def _read(path: str | os.PathLike) -> pd.DataFrame:

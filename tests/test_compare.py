@@ -25,6 +25,19 @@ def test_paired_difference_of_a_model_with_itself_and_with_the_truth():
         paired_difference(Y, P, P[:10])
 
 
+def test_resamples_without_an_auroc_count_in_neither_the_ci_nor_the_share():
+    # one label, 2 negatives among 40 films: many resamples draw no negative and have no AUROC
+    rng = np.random.default_rng(1)
+    Y = np.ones((40, 1))
+    Y[:2] = 0
+    PA = rng.random((40, 1))
+    PB = PA.copy()
+    PB[:2] = -1.0  # B ranks both negatives lowest: better on every resample that has an AUROC
+    r = paired_difference(Y, PA, PB, n_boot=200)
+    assert 0 < r["n_undefined"] < 200
+    assert r["p_b_better"] > 0.9 and r["ci"][0] >= 0
+
+
 def test_shipped_out_of_fold_predictions_against_b0_on_b0s_balanced_test_films(data_dir):
     """The README's comparison: A's figure on these films is b0's own card headline, reproduced."""
     r = compare_predictions(B0 / "predictions.csv", LITE0 / "predictions.csv", data_dir, cohort="reproduce_chexnet",
