@@ -241,30 +241,21 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.cv:
         dest = build_cv_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root,
                                  n_boot=args.n_boot, timing_runs=args.timing_runs, timing_threads=args.timing_threads)
-        print(f"built {dest}")
-        return 0
-    dest = build_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root, n_boot=args.n_boot,
-                          localize=not args.no_localize, timing_runs=args.timing_runs,
-                          timing_threads=args.timing_threads, reuse=not args.forward_all, progress=True)
+    else:
+        dest = build_ensemble(args.members, args.name, dest_root=args.dest, data_root=args.data_root,
+                              n_boot=args.n_boot, localize=not args.no_localize, timing_runs=args.timing_runs,
+                              timing_threads=args.timing_threads, reuse=not args.forward_all, progress=True)
     print(f"built {dest}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Two predictions.csv files on their common films: both mean AUROCs and the paired difference."""
-    from chestxray.compare import compare_predictions
+    from chestxray.compare import compare_predictions, report_lines
 
     r = compare_predictions(args.a, args.b, args.data_root, source=args.source, cohort=args.cohort,
                             split_of=args.split_of, n_boot=args.n_boot)
-    films = " ".join(x for x in (r["source"], r["cohort"] or "", f"films in {r['split_of']}" if r["split_of"] else "")
-                     if x)
-    print(f"{r['n_films']} common films ({films}), mean AUROC over {len(r['labels'])} labels")
-    print(f"A {args.a}: {r['a']:.3f}\nB {args.b}: {r['b']:.3f}")
-    print(f"B - A: {r['difference']:+.3f} (paired bootstrap 95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}, "
-          f"{args.n_boot} resamples; B higher in {100 * r['p_b_better']:.0f}% of them)")
-    if r["n_undefined"]:
-        print(f"note: {r['n_undefined']} of the {args.n_boot} resamples had no AUROC for any label (too few "
-              "positives or negatives among these films) and were left out")
+    print("\n".join(report_lines(r, args.a, args.b, args.n_boot)))
     return 0
 
 

@@ -104,3 +104,17 @@ def compare_predictions(a_csv: str | os.PathLike, b_csv: str | os.PathLike, data
     out = paired_difference(truth[labels].to_numpy(float), A.loc[keys, labels].to_numpy(float),
                             B.loc[keys, labels].to_numpy(float), n_boot=n_boot, seed=seed)
     return {**out, "n_films": len(keys), "labels": labels, "source": source, "cohort": cohort, "split_of": split_of}
+
+
+def report_lines(r: dict[str, Any], a_name: str, b_name: str, n_boot: int) -> list[str]:
+    """What ``chestxray compare`` prints of :func:`compare_predictions`'s result ``r``."""
+    films = " ".join(x for x in (r["source"], r["cohort"] or "", f"films in {r['split_of']}" if r["split_of"] else "")
+                     if x)
+    lines = [f"{r['n_films']} common films ({films}), mean AUROC over {len(r['labels'])} labels",
+             f"A {a_name}: {r['a']:.3f}", f"B {b_name}: {r['b']:.3f}",
+             f"B - A: {r['difference']:+.3f} (paired bootstrap 95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}, "
+             f"{n_boot} resamples; B higher in {100 * r['p_b_better']:.0f}% of them)"]
+    if r["n_undefined"]:
+        lines.append(f"note: {r['n_undefined']} of the {n_boot} resamples had no AUROC for any label (too few "
+                     "positives or negatives among these films) and were left out")
+    return lines

@@ -6,7 +6,7 @@ import pytest
 
 from chestxray.ckpt_config import CkptMeta
 from chestxray.cli import main
-from chestxray.compare import compare_predictions, paired_difference
+from chestxray.compare import compare_predictions, paired_difference, report_lines
 from tests.conftest import REPO
 
 B0, LITE0 = REPO / "weights/efficientnet_b0", REPO / "weights/efficientnet_lite0"
@@ -36,6 +36,9 @@ def test_resamples_without_an_auroc_count_in_neither_the_ci_nor_the_share():
     r = paired_difference(Y, PA, PB, n_boot=200)
     assert 0 < r["n_undefined"] < 200
     assert r["p_b_better"] > 0.9 and r["ci"][0] >= 0
+    full = {**r, "n_films": 40, "labels": ["Hernia"], "source": "nih384", "cohort": None, "split_of": None}
+    note = report_lines(full, "a.csv", "b.csv", 200)[-1]  # what `chestxray compare` prints last
+    assert note.startswith(f"note: {r['n_undefined']} of the 200 resamples") and "left out" in note
 
 
 def test_shipped_out_of_fold_predictions_against_b0_on_b0s_balanced_test_films(data_dir):
