@@ -78,6 +78,9 @@ class TrainConfig:
     pos_weight_max: float = 5.0  # class-imbalance: BCE pos_weight = neg/pos, clipped
     augment: float = 1.0
     drop_rate: float = 0.2
+    # False (every recipe recorded so far, so their folds retrain bit for bit): one shuffled film order, the
+    # same every epoch; True: a new order each epoch, as DistributedSampler gives several processes.
+    reshuffle: bool = False
     pretrained: bool = False
     teacher: list[str] = field(default_factory=list)  # distil from these checkpoints (soft targets)
     kd_weight: float = 1.0  # loss = BCE(known labels) + kd_weight * BCE(teacher probabilities)
@@ -262,14 +265,15 @@ class Trainer:
                     soft = teacher_probs(cfg.teacher, self.cache, list(train.df["path"]), self.labels, self.out)
             train.targets = torch.cat([train.targets, torch.from_numpy(soft)], dim=1)
 
-    def loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
-        """A DataLoader over cached uint8 images (cheap: augmentation happens later, on the batch)."""
+    def loader(self, split: str, train: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        """A DataLoader over cached uint8 images (cheap: augmentation happens later, on the batch); ``epoch``
+        picks the film order with ``reshuffle``."""
         ds = self.sets[split]
         sampler = None
         if train and self.world > 1:
             sampler = torch.utils.data.DistributedSampler(ds, self.world, self.rank, shuffle=True,
                                                           seed=self.cfg.seed)
-        g = torch.Generator().manual_seed(self.cfg.seed + self.rank)
+        g = torch.Generator().manual_seed(self.cfg.seed + self.rank + (7919 * epoch if self.cfg.reshuffle else 0))
         return torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=train and sampler is None,
                                            sampler=sampler, drop_last=train and len(ds) > self.cfg.batch_size,
                                            generator=g, num_workers=0, pin_memory=self.device.type == "cuda")
@@ -337,9 +341,13 @@ class Trainer:
         return np.concatenate(ys), np.concatenate(ps)
 
     # -- state --------------------------------------------------------------------------------
-    def save_state(self, epoch: int, best: float, bad_epochs: int, step: int) -> None:
-        """Writes ``last_state.safetensors`` + ``.json``: everything needed to resume, no pickle."""
+    def save_state(self, epoch: int, best: float, bad_epochs: int, step: int, gen: torch.Generator) -> None:
+        """Writes ``last_state.safetensors`` + ``.json``: everything needed to resume, no pickle. The random
+        streams (augmentation, dropout) are saved too, so a resumed run is the run that was never stopped."""
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({"rng.augment": gen.get_state(), "rng.torch": torch.get_rng_state()})
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         opt_t, opt_meta = _optimizer_state_tensors(self.opt)
         tensors.update(opt_t)
         safetensors.torch.save_file(tensors, str(self.out / "last_state.safetensors"))
@@ -348,10 +356,17 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg)}
         (self.out / "last_state.json").write_text(json.dumps(meta))
 
-    def load_state(self) -> tuple[int, float, int, int]:
-        """Restores model/optimizer/schedule from ``last_state``; returns (next epoch, best, bad, step)."""
+    def load_state(self, gen: torch.Generator) -> tuple[int, float, int, int]:
+        """Restores model/optimizer/schedule/random streams from ``last_state``; returns (next epoch, best,
+        bad, step). Only rank 0's streams are saved (the other ranks restart theirs), and a state saved before
+        the streams were kept resumes with fresh ones."""
         tensors = safetensors.torch.load_file(str(self.out / "last_state.safetensors"), device=str(self.device))
         meta = json.loads((self.out / "last_state.json").read_text())
+        if "rng.augment" in tensors and self.rank == 0:
+            gen.set_state(tensors["rng.augment"].cpu())
+            torch.set_rng_state(tensors["rng.torch"].cpu())
+            if "rng.cuda" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), self.device)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer_state(self.opt, tensors, meta["optimizer"])
         sched = self.sched.state_dict()
@@ -390,14 +405,14 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             self.df.to_csv(self.out / "manifest.csv", index=False)
         start, best, bad, step = 0, -1.0, 0, 0
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         if cfg.resume and (self.out / "last_state.json").exists():
-            start, best, bad, step = self.load_state()
+            start, best, bad, step = self.load_state(gen)
             log.info("resumed at epoch %d (best val mean AUROC %.4f)", start, best)
         log_path = self.out / "log.csv"
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         for epoch in range(start, cfg.epochs):
             self.model.train()
-            loader = self.loader("train", True)
+            loader = self.loader("train", True, epoch)
             if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
                 loader.sampler.set_epoch(epoch)
             t0, total, n = time.perf_counter(), 0.0, 0
@@ -450,7 +465,7 @@ class Trainer:
                         w.writeheader()
                     w.writerow(row)
                 log.info("epoch %d: %s", epoch + 1, row)
-                self.save_state(epoch, best, bad, step)
+                self.save_state(epoch, best, bad, step, gen)
                 stop = bad >= cfg.patience or bool(cfg.max_steps and step >= cfg.max_steps)
             if self.world > 1:
                 flag = torch.tensor([int(stop)], device=self.device)

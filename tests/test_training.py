@@ -15,7 +15,7 @@ import torch
 from chestxray.checkpoint import load_folder
 from chestxray.evaluate import evaluate
 from chestxray.predictor import Predictor, as_pixels
-from chestxray.training import TrainConfig, train
+from chestxray.training import TrainConfig, Trainer, train
 from tests.conftest import REPO
 
 N_IMAGES = 72
@@ -87,6 +87,32 @@ def test_resume_continues_where_it_stopped(tmp_path, small_csv, data_dir):
     log = pd.read_csv(tmp_path / "run/log.csv")
     assert list(log["epoch"]) == [1, 2, 3, 4]
     assert log.iloc[:3].equals(first)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_is_the_run_that_never_stopped(tmp_path, small_csv, data_dir):
+    # Augmentation and dropout on: both random streams have to go on across the stop, not start again.
+    kw = dict(epochs=4, augment=1.0, drop_rate=0.2)
+    train(_cfg(tmp_path / "whole", small_csv, data_dir, **kw))
+    whole = pd.read_csv(tmp_path / "whole/run/log.csv")
+    steps = json.loads((tmp_path / "whole/run/last_state.json").read_text())["step"] // 4
+    train(_cfg(tmp_path / "cut", small_csv, data_dir, max_steps=2 * steps, **kw))  # stops after epoch 2
+    assert len(pd.read_csv(tmp_path / "cut/run/log.csv")) == 2
+    train(_cfg(tmp_path / "cut", small_csv, data_dir, resume=True, **kw))
+    resumed = pd.read_csv(tmp_path / "cut/run/log.csv")
+    cols = ["epoch", "train_loss", "val_loss", "val_mean_auroc", "lr"]
+    pd.testing.assert_frame_equal(resumed[cols], whole[cols])
+
+
+def test_reshuffle_gives_each_epoch_its_own_film_order(tmp_path, small_csv, data_dir):
+    def films(reshuffle: bool, epoch: int) -> torch.Tensor:
+        trainer = Trainer(_cfg(tmp_path, small_csv, data_dir, reshuffle=reshuffle))
+        trainer.prepare()
+        return torch.cat([x for x, _ in trainer.loader("train", True, epoch)])
+
+    assert torch.equal(films(False, 0), films(False, 1))  # the recorded recipes' order: one for every epoch
+    assert not torch.equal(films(True, 0), films(True, 1))
+    assert torch.equal(films(True, 0), films(False, 0))  # epoch 0 unchanged: recorded folds still retrain
 
 
 def test_evaluate_writes_metrics_and_plots(trained, small_csv, data_dir, tmp_path):
