@@ -53,6 +53,7 @@ HELP = {
     "pos_weight_max": "upper clip of the BCE pos_weight (neg/pos) per label",
     "augment": "strength of the on-device augmentation (0 = none)",
     "drop_rate": "dropout before the classifier",
+    "reshuffle": "a new film order each epoch (off: one seeded order for every epoch, as the recorded recipes)",
     "pretrained": "start from ImageNet weights (timm's, or the offline ones where available)",
     "teacher": "distil from these checkpoints (names, folders or hf-hub: references)",
     "kd_weight": "weight of the teachers' soft targets in the loss",
