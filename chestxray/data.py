@@ -372,6 +372,21 @@ def parse_cohort_fracs(specs: Sequence[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def repeat_rows(df: pd.DataFrame, specs: Sequence[str]) -> pd.DataFrame:
+    """Training films of a cohort or source N times over (``["reproduce_chexnet=3"]``), so the few films
+    that show most findings weigh more than the many that show one; ``[]`` keeps ``df`` as it is."""
+    times = np.ones(len(df), int)
+    for spec in specs:
+        name, sep, n = spec.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"repeat {spec!r}: expected COHORT_OR_SOURCE=N with N >= 1")
+        hit = ((df["cohort"] == name.strip()) | (df["source"] == name.strip())).to_numpy()
+        if not hit.any():
+            raise ValueError(f"repeat {spec!r}: no training film is of {name.strip()!r}")
+        times[hit] *= int(n)
+    return df.loc[df.index.repeat(times)] if specs else df
+
+
 def cohort_patient_split(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0,
                          cohort_fracs: dict[str, tuple[float, float]] | None = None) -> pd.Series:
     """:func:`patient_split` with larger held-out shares for chosen cohorts.

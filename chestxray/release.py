@@ -231,7 +231,7 @@ def release(run_dir: str | os.PathLike, name: str, *, dest_root: str | os.PathLi
     meta.training.recipe = {k: train_cfg[k] for k in
                             ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay", "schedule",
                              "augment", "pos_weight_max", "source_caps", "seed", "pretrained", "teacher",
-                             "kd_weight", "cohort_fracs")
+                             "kd_weight", "cohort_fracs", "repeat")
                             if k in train_cfg}
     # A run saved before the checkpoint writer dropped timm's ImageNet provenance still carries it.
     cfg = meta.apply(own_provenance(json.loads((tmp / CONFIG_FILE).read_text())))

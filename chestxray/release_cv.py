@@ -129,7 +129,8 @@ def release_from_cv(run_dir: str | os.PathLike, cv_dir: str | os.PathLike, name:
     meta.training.threshold_rule = summary.get("threshold_rule") or meta.training.threshold_rule
     meta.training.recipe = {k: train_cfg[k] for k in
                             ("arch", "img_size", "epochs", "batch_size", "lr", "weight_decay", "schedule", "augment",
-                             "drop_rate", "pos_weight_max", "source_caps", "seed", "pretrained", "split")
+                             "drop_rate", "pos_weight_max", "source_caps", "seed", "pretrained", "split",
+                             "repeat")
                             if k in train_cfg}
     cfg = meta.apply(own_provenance(json.loads((tmp / CONFIG_FILE).read_text())))
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))

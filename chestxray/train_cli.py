@@ -31,6 +31,7 @@ HELP = {
     "csv": "your own label CSV instead of the shared sources (NIH layout or one 0/1/blank column per label)",
     "images": "folder the --csv image names are relative to (default: the CSV's folder)",
     "source_caps": "at most N training images of a source, e.g. kermany=500",
+    "repeat": "train on a cohort's or source's films N times an epoch, e.g. reproduce_chexnet=3",
     "val_sources": "choose the epoch and thresholds on the validation images of these sources or cohorts only",
     "cohort_fracs": "larger held-out shares for a cohort, e.g. reproduce_chexnet=0.25:0.25 (val:test)",
     "split": "patient (seeded, patient-wise), lists (--train-list/--val-list/--test-list) or all (every film "

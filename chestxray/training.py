@@ -29,7 +29,7 @@ from chestxray.ckpt_config import CkptMeta, Training
 from chestxray.data import (XrayDataset, assert_patient_disjoint, batch_augment, build_cache,
                             cohort_patient_split, folds_from_cv, format_label_counts, load_sources,
                             masked_bce_loss, parse_cohort_fracs, patient_folds, pos_weights, read_manifest,
-                            split_from_lists)
+                            repeat_rows, split_from_lists)
 from chestxray.distill import splits_from_run, teacher_probs
 from chestxray.labels import get_label_set
 from chestxray.layout import default_data_root
@@ -52,6 +52,7 @@ class TrainConfig:
     csv: str | None = None  # a custom label CSV instead of shared sources (with --images)
     images: str | None = None
     source_caps: list[str] = field(default_factory=list)  # e.g. ["kermany=500"]: at most N training images
+    repeat: list[str] = field(default_factory=list)  # e.g. ["reproduce_chexnet=3"]: those training films 3x
     # Model selection + thresholds on the val images of these sources or cohorts (default: all).
     val_sources: list[str] = field(default_factory=list)
     cohort_fracs: list[str] = field(default_factory=list)  # e.g. ["reproduce_chexnet=0.25:0.25"] (val:test)
@@ -78,8 +79,7 @@ class TrainConfig:
     pos_weight_max: float = 5.0  # class-imbalance: BCE pos_weight = neg/pos, clipped
     augment: float = 1.0
     drop_rate: float = 0.2
-    # False (every recipe recorded so far, so their folds retrain bit for bit): one shuffled film order, the
-    # same every epoch; True: a new order each epoch, as DistributedSampler gives several processes.
+    # False (recorded recipes retrain bit for bit): one film order every epoch; True: a new order each epoch.
     reshuffle: bool = False
     pretrained: bool = False
     teacher: list[str] = field(default_factory=list)  # distil from these checkpoints (soft targets)
@@ -242,8 +242,9 @@ class Trainer:
             dist.barrier()
             if self.rank != 0:
                 self.cache = build_cache(self.df, cfg.img_size, cfg.cache_dir, progress=False)
-        self.sets = {s: XrayDataset(self.cache, self.df[self.df["split"] == s], self.labels)
-                     for s in ("train", "val", "test")}
+        parts = {s: self.df[self.df["split"] == s] for s in ("train", "val", "test")}
+        parts["train"] = repeat_rows(parts["train"], cfg.repeat)
+        self.sets = {s: XrayDataset(self.cache, part, self.labels) for s, part in parts.items()}
         # The validation films that choose the epoch and thresholds (all of them without val_sources):
         # only these are predicted each epoch.
         val = self.df[self.df["split"] == "val"]

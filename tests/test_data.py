@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from chestxray.data import (assert_patient_disjoint, batch_augment, build_cache, cohort_patient_split,
                             default_sources, label_counts, load_sources, masked_bce_loss, parse_cohort_fracs,
-                            patient_split, pos_weights, read_manifest, split_from_lists, RawXrayDataset, XrayDataset)
+                            patient_split, pos_weights, read_manifest, repeat_rows, split_from_lists, RawXrayDataset,
+                            XrayDataset)
 from chestxray.labels import LUNG_CANCER_PROXY, NIH14, NO_FINDING, PROXIES, get_label_set
 from chestxray.transforms import resize_gray
 
@@ -239,6 +240,26 @@ def test_balanced_cohort_gets_its_own_held_out_share(data_dir):
     assert split.equals(cohort_patient_split(df, 0.15, 0.15, seed=0, cohort_fracs=fracs))  # seeded
     with pytest.raises(ValueError, match="NAME=VAL_FRAC:TEST_FRAC"):
         parse_cohort_fracs(["reproduce_chexnet=0.25"])
+
+
+def test_repeat_rows_weighs_a_cohort_in_training(data_dir):
+    """``repeat: [reproduce_chexnet=3]``: each balanced film 3 times, every other film once, labels and
+    patients carried along; an empty list is the frame itself, a bad or matchless spec one clear error."""
+    df = load_sources(["nih384", "nih64"], data_dir, NIH14)
+    balanced = df["cohort"] == "reproduce_chexnet"
+    assert repeat_rows(df, []) is df
+    out = repeat_rows(df, ["reproduce_chexnet=3"])
+    assert len(out) == len(df) + 2 * balanced.sum()
+    seen = out["path"].value_counts()
+    assert set(seen[df.loc[balanced, "path"]]) == {3} and set(seen[df.loc[~balanced, "path"]]) == {1}
+    assert label_counts(out).loc["nih64"].equals(label_counts(df).loc["nih64"])
+    pos = out.loc[out["cohort"] == "reproduce_chexnet", "Cardiomegaly"].eq(1.0).sum()
+    assert pos == 3 * df.loc[balanced, "Cardiomegaly"].eq(1.0).sum() > 0
+    assert len(repeat_rows(df, ["nih64=2"])) == len(df) + (df["source"] == "nih64").sum()  # a source works too
+    for bad, msg in (("reproduce_chexnet", "expected"), ("reproduce_chexnet=0", "expected"),
+                     ("kermany=2", "no training film")):
+        with pytest.raises(ValueError, match=msg):
+            repeat_rows(df, [bad])
 
 
 def test_chexnet_lists(data_dir, nih):

@@ -117,6 +117,22 @@ def test_reshuffle_gives_each_epoch_its_own_film_order(tmp_path, small_csv, data
     assert torch.equal(reshuffled[0], fixed[0])  # epoch 0 unchanged: recorded folds still retrain
 
 
+def test_repeat_weighs_training_films_only(tmp_path, small_csv, data_dir):
+    """``repeat`` multiplies a source's training films (and their share of pos_weight); validation and test
+    films, which choose and score, are never repeated."""
+    plain = Trainer(_cfg(tmp_path, small_csv, data_dir))
+    plain.prepare()
+    source = plain.df["source"].iloc[0]
+    twice = Trainer(_cfg(tmp_path, small_csv, data_dir, repeat=[f"{source}=2"]))
+    twice.prepare()
+    assert len(twice.sets["train"]) == 2 * len(plain.sets["train"]) > 0
+    for split in ("val", "test", "select"):
+        assert twice.sets[split].df["path"].tolist() == plain.sets[split].df["path"].tolist()
+    assert torch.allclose(twice.pos_weight, plain.pos_weight)  # the same films twice: the same balance
+    served = sum(len(x) for x, _ in twice.loader("train", True))  # full batches of the repeated films
+    assert served == len(twice.sets["train"]) // 16 * 16 > len(plain.sets["train"])
+
+
 def test_evaluate_writes_metrics_and_plots(trained, small_csv, data_dir, tmp_path):
     _, best = trained
     m = evaluate(str(best), tmp_path / "eval", labels_csv=str(small_csv), images=str(data_dir / "nih/images_384"),
