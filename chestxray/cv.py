@@ -48,7 +48,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from chestxray.labels import NO_FINDING
 from chestxray.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,25 @@ def _copy(names: Sequence[str], src: Path, dst: Path) -> None:
 
 
 def keep_fold(run: Path, record: Path) -> None:
-    """Copies a finished fold's :data:`RECORD_FILES` into ``record/<fold>``."""
-    _copy(RECORD_FILES, run, record / run.name)
+    """Copies a finished fold's :data:`RECORD_FILES` into ``record/<fold>``, which it never overwrites."""
+    if not same_as_record(run, record):
+        _copy(RECORD_FILES, run, record / run.name)
+
+
+def same_as_record(run: Path, record: Path) -> bool:
+    """Whether ``record/<fold>`` holds this finished fold already (False: not recorded yet).
+
+    Raises:
+        ValueError: the record holds another training of the fold (other held-out logits), e.g. a teacher's
+            fold retrained for its weights: pooling it would silently change the recorded figures.
+    """
+    kept = record / run.name
+    if not ((kept / "DONE").is_file() and (kept / OOF_FILE).is_file() and (run / OOF_FILE).is_file()):
+        return False
+    if (kept / OOF_FILE).read_bytes() != (run / OOF_FILE).read_bytes():
+        raise ValueError(f"{run} is another training of the fold recorded in {kept} (its {OOF_FILE} differs): "
+                         f"move {run} away to pool the record, or the record's fold to record this one")
+    return True
 
 
 def restore_fold(run: Path, record: Path) -> bool:
@@ -213,7 +232,7 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
     from chestxray.calibration import sigmoid
     from chestxray.evaluate import evaluate_manifest, has_boxes
     from chestxray.localization import pairs_result
-    from chestxray.metrics import mean_auroc
+    from chestxray.metrics import bootstrap_mean_auroc_ci, mean_auroc
     from chestxray.sources import HEADLINE_GROUP, MIXED_GROUP
 
     out = Path(out)
@@ -254,6 +273,13 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
                                 plot_group=HEADLINE_GROUP, localization=loc,
                                 title=f"{name}: ROC, {folds}-fold cross-validation, out of fold ({HEADLINE_GROUP})")
     groups = metrics["by_group"]
+    # The headline averages No Finding in; CheXNet's 0.841 (and the goals of issue 21) are over the findings
+    # alone: the same calibrated probabilities as the headline, without the No Finding column.
+    bal, k = (df["cohort"] == HEADLINE_GROUP).to_numpy(), [j for j, n in enumerate(labels) if n != NO_FINDING]
+    P = predictor.probabilities(torch.from_numpy(Z.astype(np.float32))).numpy().astype(np.float64)
+    Yb, Pb = Y[bal][:, k], P[bal][:, k]
+    findings = {"group": HEADLINE_GROUP, "labels": len(k), "mean_auroc": _round(mean_auroc(Yb, Pb)),
+                "mean_auroc_ci": [_round(x) for x in bootstrap_mean_auroc_ci(Yb, Pb, cfg.eval_boot or 1000)]}
     summary = {
         "recipe": cfg.recipe_file, "arch": cfg.arch, "img_size": cfg.img_size, "epochs": cfg.epochs,
         "folds": folds, "seed": cfg.seed, "n_films": len(df), "sources": sorted(df["source"].unique().tolist()),
@@ -261,6 +287,7 @@ def summarize(cfg: TrainConfig, folds: int, out: str | os.PathLike, *, localize:
         "mean_auroc": {g: _round(m["mean_auroc"]) for g, m in groups.items()},
         "mean_auroc_ci": {g: m["mean_auroc_ci"] for g, m in groups.items()},
         "n_images": {g: m["n_images"] for g, m in groups.items()},
+        "findings_mean_auroc": findings,
         "pneumonia_auroc": {g: _round(m["labels"].get("Pneumonia", {}).get("auroc")) for g, m in groups.items()},
         "localization": ({k: loc[k] for k in ("n_pairs", "n_films", "hit_rate", "chance", "iou_hit_rate")}
                          if loc else None),
@@ -300,6 +327,8 @@ def run_cv(cfg: TrainConfig, folds: int = DEFAULT_FOLDS, only_fold: int | None =
     for i in range(folds):
         if record and restore_fold(out / f"fold{i}", record):
             log.info("fold %d restored from %s", i, record)
+        elif record and (out / f"fold{i}" / "DONE").exists():
+            same_as_record(out / f"fold{i}", record)  # before any training: a differing fold stops the run
     for i in ([only_fold] if only_fold is not None else range(folds)):
         run = run_fold(cfg, folds, i, out)
         fold_logits(run, cfg.data_root, progress=progress)
@@ -353,11 +382,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    summary = run_cv(cfg, folds, args.only_fold, localize=args.localize, record=args.record)
+    try:
+        summary = run_cv(cfg, folds, args.only_fold, localize=args.localize, record=args.record)
+    except ValueError as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     if summary is None:
         print("folds left to train: run the same command again")
         return 0
     h, m = summary["headline_group"], summary["mixed_group"]
     print(f"out-of-fold mean AUROC: {h} {summary['mean_auroc'].get(h)} {summary['mean_auroc_ci'].get(h)}, "
-          f"{m} {summary['mean_auroc'].get(m)}; {Path(cfg.out) / SUMMARY_FILE}")
+          f"{m} {summary['mean_auroc'].get(m)}; the {summary['findings_mean_auroc']['labels']} findings alone ({h}) "
+          f"{summary['findings_mean_auroc']['mean_auroc']} {summary['findings_mean_auroc']['mean_auroc_ci']}; "
+          f"{Path(cfg.out) / SUMMARY_FILE}")
     return 0

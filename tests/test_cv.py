@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from chestxray import cv
 from chestxray.calibration import sigmoid
@@ -110,6 +111,14 @@ def test_pooled_evaluation_uses_thresholds_and_temperatures_fitted_out_of_fold(c
     assert summary["mean_auroc"]["reproduce_chexnet"] == pytest.approx(mean_auroc(Y[bal], P[bal]), abs=1e-4)
     assert summary["mean_auroc"]["reproduce_chexnet"] == pytest.approx(mean_auroc(Y[bal], sigmoid(Z[bal])), abs=0.01)
     assert metrics["by_group"]["reproduce_chexnet"]["n_images"] == int(bal.sum())
+    # Beside the headline, the findings alone (No Finding left out), from the same probabilities.
+    findings, k = summary["findings_mean_auroc"], [j for j, n in enumerate(labels) if n != "No Finding"]
+    assert findings["group"] == "reproduce_chexnet" and findings["labels"] == len(labels) - 1 == len(k)
+    assert findings["mean_auroc"] == pytest.approx(mean_auroc(Y[bal][:, k], P[bal][:, k]), abs=1e-4)
+    table = metrics["by_group"]["reproduce_chexnet"]["labels"]
+    aucs = [table[n]["auroc"] for n in labels if n != "No Finding" and table.get(n, {}).get("auroc") is not None]
+    assert findings["mean_auroc"] == pytest.approx(np.mean(aucs), abs=1e-4)
+    assert findings["mean_auroc_ci"][0] <= findings["mean_auroc"] <= findings["mean_auroc_ci"][1]
     for name in ("roc.png", "confusion.png", "reliability.png", "predictions.csv"):
         assert os.path.getsize(os.path.join(cfg.out, "eval", name)) > 0
     assert [f["fold"] for f in summary["per_fold"]] == list(range(FOLDS))
@@ -140,6 +149,30 @@ def test_a_record_carries_the_finished_folds_to_another_machine_without_weights(
     assert not list((tmp_path / "new-machine").rglob("*.safetensors"))  # nothing trained there
     assert again["mean_auroc"] == summary["mean_auroc"] and again["thresholds"] == summary["thresholds"]
     assert again["temperatures"] == summary["temperatures"]
+
+
+def test_a_fold_trained_again_never_overwrites_its_record(cv_run, tmp_path, capsys):
+    """A fold whose held-out logits differ from the recorded ones (e.g. retrained for a student's teacher
+    weights) stops the run with one line before anything is trained or pooled; the record is left as it was."""
+    cfg, _ = cv_run
+    record = tmp_path / "record"
+    cv.run_cv(cfg, FOLDS, localize=False, progress=False, record=record)
+    here = dataclasses.replace(cfg, out=str(tmp_path / "here"))
+    shutil.copytree(cfg.out, here.out)
+    oof = pd.read_csv(Path(here.out) / "fold1" / cv.OOF_FILE)
+    logit = [c for c in oof.columns if c.startswith(cv.LOGIT)][0]
+    oof[logit] += 0.25  # another training of fold 1
+    oof.to_csv(Path(here.out) / "fold1" / cv.OOF_FILE, index=False)
+    before = {p: p.read_bytes() for p in record.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="another training of the fold"):
+        cv.run_cv(here, FOLDS, localize=False, progress=False, record=record)
+    assert {p: p.read_bytes() for p in record.rglob("*") if p.is_file()} == before
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**dataclasses.asdict(here), "folds": FOLDS}))
+    assert cv.main(["--config", str(recipe), "--record", str(record), "--localize", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another training of the fold" in err[0]
+    assert {p: p.read_bytes() for p in record.rglob("*") if p.is_file()} == before
 
 
 def test_cv_command_rejects_a_fold_outside_the_folds(capsys):
