@@ -28,7 +28,8 @@ A cross-validation outlasts one machine through its *record* (``--record DIR``, 
 committed as folds land): each finished fold's small files (:data:`RECORD_FILES`: DONE, log, oof.csv,
 pointing.json and the fold model's config.json; no weights) and, once pooled, cv.json with the pooled
 metrics and plots. A fold found in the record is not trained again, and the pooled evaluation needs no
-fold's weights (its logits are in ``oof.csv``).
+fold's weights (its logits are in ``oof.csv``). A record is never overwritten: a fold here that is another
+training of a recorded one (other held-out logits) stops the run before anything is trained or pooled.
 """
 from __future__ import annotations
 
