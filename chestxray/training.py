@@ -382,9 +382,9 @@ class Trainer:
             thresholds[name] = round(float(choose_threshold(y[:, k], p[:, k], self.cfg.threshold_rule)), 6)
         training = Training(
             epoch=epoch, val_mean_auroc=None if math.isnan(val_auc) else round(val_auc, 4),  # split all: no val
-            threshold_rule=self.cfg.threshold_rule,
+            threshold_rule=self.cfg.threshold_rule, split=self.cfg.split, seed=self.cfg.seed,
             sources=sorted(self.df["source"].unique().tolist()), val_sources=list(self.cfg.val_sources) or "all",
-            split=self.cfg.split, seed=self.cfg.seed, n_images={s: len(d) for s, d in self.sets.items()},
+            n_images={s: d.df["path"].nunique() for s, d in self.sets.items()},  # films: a repeat is one film
             pretrained=self.cfg.pretrained, img_size=self.cfg.img_size,
             initialised_from=getattr(self.model, "init_report", "random (from scratch)"),
             taught_by=(f"teacher {' + '.join(_run_name(t) for t in self.cfg.teacher)} "

@@ -131,6 +131,11 @@ def test_repeat_weighs_training_films_only(tmp_path, small_csv, data_dir):
     assert torch.allclose(twice.pos_weight, plain.pos_weight)  # the same films twice: the same balance
     served = sum(len(x) for x, _ in twice.loader("train", True))  # full batches of the repeated films
     assert served == len(twice.sets["train"]) // 16 * 16 > len(plain.sets["train"])
+    # The card's "saw N training images" counts films: a film drawn twice an epoch is still one film.
+    twice.build_model()
+    best = twice.save_best(np.zeros((0, len(twice.labels))), np.zeros((0, len(twice.labels))), 1, float("nan"))
+    saw = json.loads((best / "config.json").read_text())["chestxray"]["training"]["n_images"]
+    assert saw["train"] == len(plain.sets["train"]) == twice.sets["train"].df["path"].nunique()
 
 
 def test_evaluate_writes_metrics_and_plots(trained, small_csv, data_dir, tmp_path):
