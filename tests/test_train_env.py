@@ -1,4 +1,5 @@
-"""train/env.sh: every training script runs under it, and its allocator settings keep freed tensors mapped."""
+"""train/env.sh and train/runs.sh: every training script runs under them; env.sh's allocator settings keep freed
+tensors mapped, and runs.sh keeps the training checkpoints outside the work tree."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,32 @@ def test_every_training_script_sources_env_sh_before_it_trains(script):
     commands = ('"$PY" -m chestxray train', '"$PY" -m chestxray cv', '"$PY" train/train.py')
     trains = [i for i, line in enumerate(lines) if any(cmd in line for cmd in commands)]
     assert trains and "source train/env.sh" in lines[:trains[0]], script
+    assert "source train/runs.sh" in lines[:trains[0]], script
+
+
+def source_runs_sh(cwd: Path, runs_home: Path) -> None:
+    subprocess.run(["bash", "-c", f'set -euo pipefail; source "{REPO}/train/runs.sh"'], cwd=cwd, check=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), "CHESTXRAY_RUNS": str(runs_home)})
+
+
+def test_runs_sh_links_runs_to_a_folder_outside_the_work_tree(tmp_path):
+    tree, home = tmp_path / "checkout", tmp_path / "kept" / "runs"
+    tree.mkdir()
+    source_runs_sh(tree, home)
+    assert (tree / "runs").is_symlink() and (tree / "runs").resolve() == home.resolve() and home.is_dir()
+    (home / "cv").mkdir()  # what an earlier session trained is found through the link of a fresh checkout
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    source_runs_sh(fresh, home)
+    assert (fresh / "runs" / "cv").is_dir()
+
+
+def test_runs_sh_keeps_an_existing_runs_folder(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "fold0").write_text("x")
+    source_runs_sh(tmp_path, tmp_path / "elsewhere")
+    assert not (tmp_path / "runs").is_symlink() and (tmp_path / "runs" / "fold0").read_text() == "x"
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_env_sh_sets_the_benchmarks_values():

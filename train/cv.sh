@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 source train/env.sh
+source train/runs.sh
 CFG=${1:-train/configs/cv/efficientnet_lite0.yaml}
 FOLDS=$("$PY" -c "import sys; from chestxray.recipes import load_recipe; print(load_recipe(sys.argv[1]).get('folds') or 5)" "$CFG")
 RECORD=${CV_RECORD:-results/cv/$(basename "$CFG" .yaml)}

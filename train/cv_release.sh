@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 NAME=${1:?usage: bash train/cv_release.sh <recipe name under train/configs/cv and train/configs/all>}
 CV=train/configs/cv/$NAME.yaml ALL=train/configs/all/$NAME.yaml
+source train/runs.sh
 out() { "$PY" -c "import sys; from chestxray.recipes import load_recipe; print(load_recipe(sys.argv[1])['out'])" "$1"; }
 bash train/cv.sh "$CV"
 source train/env.sh

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 source train/env.sh
+source train/runs.sh
 ARCHS=("$@")
 [ ${#ARCHS[@]} -gt 0 ] || mapfile -t ARCHS < <("$PY" -m chestxray.recipes)
 for arch in "${ARCHS[@]}"; do
